@@ -1,0 +1,178 @@
+"""Command-line entry point: parses options, calls one function per command, maps errors to exit codes.
+
+Heavy modules (torch, openslide, dask) are imported inside each command so ``--help`` stays instant.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from . import __version__
+from .errors import UserError
+
+DEVICE = click.Choice(["auto", "cpu", "cuda"])
+
+
+def _run(fn, *args, **kwargs):
+    """Call a command body; user errors become one line on stderr and a non-zero exit."""
+    try:
+        return fn(*args, **kwargs)
+    except UserError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="wsi-haloae")
+@click.option("-v", "--verbose", count=True, help="More log output on stderr (-vv for debug).")
+def main(verbose: int) -> None:
+    """Unsupervised anomaly detection on whole-slide images with HaloAE."""
+    level = logging.WARNING - 10 * min(verbose + 1, 2)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+@main.command()
+@click.option("--preset", default="paper", show_default=True, help="Model preset name (models/*.json) or a JSON file.")
+@click.option("--model", "model_path", type=click.Path(path_type=Path), help="Describe a trained model file instead.")
+def info(preset: str, model_path: Path | None) -> None:
+    """Print a model's shape, trainable parameter count and cost per tile."""
+    from .model.info import run_info
+
+    _run(run_info, preset=preset, model_path=model_path)
+
+
+@main.command()
+@click.option("--tiles", required=True, type=click.Path(path_type=Path), help="Folder of normal tiles, or an MVTec-AD category folder.")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Output model file (.safetensors).")
+@click.option("--preset", default="paper", show_default=True)
+@click.option("--epochs", default=250, show_default=True, type=click.IntRange(min=1))
+@click.option("--samples-per-epoch", default=3000, show_default=True, type=click.IntRange(min=1))
+@click.option("--batch-size", default=4, show_default=True, type=click.IntRange(min=1), help="Originals per step (each step sees 3x this many images).")
+@click.option("--backbone-weights", default="imagenet", show_default=True, help="imagenet | random | PATH to a VGG19 state dict.")
+@click.option("--device", default="auto", type=DEVICE, show_default=True)
+@click.option("--workers", default=2, show_default=True, type=click.IntRange(min=0))
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--resume", is_flag=True, help="Continue an interrupted run from its resume file.")
+def train(**kw) -> None:
+    """Train HaloAE on normal tiles."""
+    from .config import TrainConfig
+    from .train.trainer import run_train
+
+    _run(run_train, TrainConfig(**kw))
+
+
+@main.command()
+@click.option("--model", required=True, type=click.Path(path_type=Path))
+@click.option("--data", required=True, type=click.Path(path_type=Path), help="MVTec-layout category folder.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout and nothing else.")
+@click.option("--report", type=click.Path(path_type=Path), help="Write a PNG per test image and an index.html here.")
+@click.option("--device", default="auto", type=DEVICE, show_default=True)
+@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1))
+def evaluate(model: Path, data: Path, as_json: bool, report: Path | None, device: str, batch_size: int) -> None:
+    """Measure a model on an MVTec-layout test set: image AUROC, pixel AUROC, AUPRO."""
+    from .evaluate import run_evaluate
+
+    _run(run_evaluate, model=model, data=data, as_json=as_json, report=report, device=device, batch_size=batch_size)
+
+
+@main.command()
+@click.argument("slide", type=click.Path(path_type=Path))
+@click.option("--out", required=True, type=click.Path(path_type=Path))
+@click.option("--mpp", type=click.FloatRange(min=0, min_open=True), help="Target microns per pixel (default: the slide's level 0).")
+@click.option("--tile-size", default=256, show_default=True, type=click.IntRange(min=16))
+@click.option("--stride", type=click.IntRange(min=1), help="Grid stride in target pixels (default: tile size).")
+@click.option("--min-tissue", default=0.5, show_default=True, type=click.FloatRange(0, 1))
+@click.option("--annotations", type=click.Path(path_type=Path), help="QuPath GeoJSON export: keep tiles inside these polygons.")
+@click.option("--class", "class_name", help="Only annotations of this QuPath class.")
+@click.option("--max-tiles", type=click.IntRange(min=1), help="Keep at most N tiles (a seeded random sample).")
+@click.option("--format", "format", default="png", type=click.Choice(["png", "jpg"]), show_default=True)
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(min=1))
+def tiles(**kw) -> None:
+    """Extract tissue tiles from a slide to build a training set."""
+    from .config import TilesConfig
+    from .slide.tiles import run_tiles
+
+    _run(run_tiles, TilesConfig(**kw))
+
+
+def _infer_options(f):
+    opts = [
+        click.option("--mpp", type=click.FloatRange(min=0, min_open=True), help="Target microns per pixel (default: the model's training mpp, else level 0)."),
+        click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1)),
+        click.option("--device", default="auto", type=DEVICE, show_default=True),
+        click.option("--pixel-downsample", default=4, show_default=True, type=click.IntRange(min=1), help="Slide pixels per heatmap pixel at level 0 of the map."),
+        click.option("--min-tissue", default=0.5, show_default=True, type=click.FloatRange(0, 1)),
+        click.option("--overwrite", is_flag=True, help="Redo outputs that are already complete."),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+@main.command()
+@click.argument("slide", type=click.Path(path_type=Path))
+@click.option("--model", required=True, type=click.Path(path_type=Path))
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Output .zarr store.")
+@click.option("--tiff", type=click.Path(path_type=Path), help="Also write a pyramidal OME-TIFF heatmap.")
+@click.option("--geojson", type=click.Path(path_type=Path), help="Also write QuPath tile objects (.geojson or .geojson.gz).")
+@click.option("--preview", type=click.Path(path_type=Path), help="Also write a PNG thumbnail with the heatmap overlaid.")
+@click.option("--workers", default=2, show_default=True, type=click.IntRange(min=0), help="Tile-reading processes.")
+@_infer_options
+def infer(**kw) -> None:
+    """Run a trained model over a whole slide and write anomaly heatmaps."""
+    from .config import InferConfig
+    from .infer.engine import run_infer
+
+    _run(run_infer, InferConfig(**kw))
+
+
+@main.command()
+@click.option("--out", default="wsi-haloae-demo", show_default=True, type=click.Path(path_type=Path))
+@click.option("--device", default="auto", type=DEVICE, show_default=True)
+def demo(out: Path, device: str) -> None:
+    """Run the whole flow offline on an embedded default slide (a few minutes on 2 CPU cores)."""
+    from .demo import run_demo
+
+    _run(run_demo, out=out, device=device)
+
+
+@main.command()
+@click.argument("slides")
+@click.option("--model", required=True, type=click.Path(path_type=Path))
+@click.option("--out", required=True, type=click.Path(path_type=Path))
+@click.option("--cluster", default="local", type=click.Choice(["local", "slurm", "pbs", "sge", "lsf"]), show_default=True)
+@click.option("--jobs", default=1, show_default=True, type=click.IntRange(min=1), help="Batch jobs to request (or local workers).")
+@click.option("--workers-per-job", default=1, show_default=True, type=click.IntRange(min=1))
+@click.option("--gpus-per-job", default=0, show_default=True, type=click.IntRange(min=0))
+@click.option("--cores", type=click.IntRange(min=1), help="Cores per job.")
+@click.option("--memory", help="Memory per job, e.g. 16GB.")
+@click.option("--walltime", help="Walltime per job, e.g. 02:00:00.")
+@click.option("--queue", help="Partition / queue.")
+@click.option("--account", help="Account / project to charge.")
+@click.option("--job-extra", multiple=True, help="Extra scheduler directive, repeatable (e.g. --job-extra=--gres=gpu:1).")
+@click.option("--scheduler-address", help="Join an existing Dask scheduler instead of starting a cluster.")
+@click.option("--dry-run", is_flag=True, help="Print the plan (and the job script) and exit.")
+@click.option("--retries", default=2, show_default=True, type=click.IntRange(min=0), help="Retries of a slide whose worker died.")
+@click.option("--infer-workers", default=2, show_default=True, type=click.IntRange(min=0), help="Tile-reading processes per slide.")
+@click.option("--tiff/--no-tiff", default=True, show_default=True)
+@click.option("--geojson/--no-geojson", default=True, show_default=True)
+@click.option("--preview/--no-preview", default=True, show_default=True)
+@_infer_options
+def cohort(job_extra: tuple[str, ...], **kw) -> None:
+    """Run many slides on a Dask cluster (local, SLURM, PBS, SGE, LSF); resumable."""
+    from .cohort import run_cohort
+    from .config import CohortConfig
+
+    code = _run(run_cohort, CohortConfig(job_extra=tuple(job_extra), **kw))
+    sys.exit(code or 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
