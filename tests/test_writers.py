@@ -1,0 +1,224 @@
+"""The result writers on their own (no model, no slide): zarr store, OME-TIFF, GeoJSON, preview."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from wsi_haloae.errors import OutputError
+from wsi_haloae.infer import writers
+from wsi_haloae.infer.geojson import CLASS_NAME, robust_threshold, write_geojson
+from wsi_haloae.infer.ome_tiff import rgb_path_for, write_ome_tiff
+from wsi_haloae.infer.preview import write_preview
+
+
+def _random_tiles(rng, n_rows, n_cols, keep=0.6):
+    rows, cols = np.nonzero(rng.random((n_rows, n_cols)) < keep)
+    return rows, cols
+
+
+def test_chunk_assembler_matches_direct_paste_in_any_order(tmp_path):
+    rng = np.random.default_rng(0)
+    b = 48  # not a divisor of the chunk: tiles straddle chunk borders
+    rows, cols = _random_tiles(rng, 30, 25)
+    px, py = cols * b + 7, rows * b + 3  # an offset origin, like a slide with bounds
+    H, W = 30 * b + 5, 25 * b - 20  # last column clipped by the map edge
+    blocks = rng.random((len(rows), b, b)).astype(np.float32)
+    failed = rng.random(len(rows)) < 0.1
+
+    expected = np.full((H, W), np.nan, np.float32)
+    for i in range(len(rows)):
+        if failed[i]:
+            continue
+        y0, x0 = py[i], px[i]
+        y1, x1 = min(H, y0 + b), min(W, x0 + b)
+        expected[y0:y1, x0:x1] = blocks[i][: y1 - y0, : x1 - x0]
+
+    g = writers.open_new_store(tmp_path / "s.zarr")
+    arr = writers.create_map_level(g, "0", (H, W))
+    asm = writers.ChunkAssembler(arr, px, py, b)
+    order = rng.permutation(len(rows))
+    for i in order[: len(order) // 2]:
+        asm.add(int(i), None if failed[i] else blocks[i])
+    for i in order[len(order) // 2:]:
+        asm.add(int(i), None if failed[i] else blocks[i])
+    assert not asm.pending and not asm.buffers  # every chunk was flushed as soon as complete
+    np.testing.assert_array_equal(arr[:], expected)
+
+
+def test_assembler_holds_about_one_row_of_chunks_for_row_major_tiles(tmp_path):
+    b = 64
+    n_rows, n_cols = 64, 40
+    rows, cols = np.divmod(np.arange(n_rows * n_cols), n_cols)
+    g = writers.open_new_store(tmp_path / "s.zarr")
+    arr = writers.create_map_level(g, "0", (n_rows * b, n_cols * b))
+    asm = writers.ChunkAssembler(arr, cols * b, rows * b, b)
+    peak = 0
+    blk = np.ones((b, b), np.float32)
+    for i in range(len(rows)):
+        asm.add(i, blk)
+        peak = max(peak, asm.buffered_chunks)
+    chunks_per_row = -(-n_cols * b // writers.CHUNK)
+    assert peak <= chunks_per_row
+    assert np.all(arr[:] == 1)
+
+
+def test_nan_mean_2x2():
+    a = np.array([[1, 3, np.nan, 5], [np.nan, np.nan, np.nan, np.nan], [2, 2, 7, np.nan]], np.float32)
+    out = writers.nan_mean_2x2(a)
+    assert out.shape == (2, 2)
+    np.testing.assert_allclose(out[0], [2.0, 5.0])
+    np.testing.assert_allclose(out[1], [2.0, 7.0])
+    assert np.isnan(writers.nan_mean_2x2(np.full((2, 2), np.nan, np.float32))).all()
+
+
+def _store_with_map(tmp_path, H=1300, W=900, um=2.0):
+    rng = np.random.default_rng(1)
+    g = writers.open_new_store(tmp_path / "m.zarr")
+    a = writers.create_map_level(g, "0", (H, W))
+    data = rng.random((H, W)).astype(np.float32)
+    data[:, : W // 3] = np.nan  # background
+    a[:] = data
+    n = writers.build_pyramid(g)
+    writers.write_multiscales(g, n, um)
+    return g, data, n
+
+
+def test_pyramid_and_multiscales_read_by_ome_zarr(tmp_path):
+    from ome_zarr.io import parse_url
+    from ome_zarr.reader import Reader
+
+    g, data, n = _store_with_map(tmp_path)
+    assert n == 4  # 1300 -> 650 -> 325 -> 163
+    shapes = [lvl.shape for lvl in writers.map_levels(g)]
+    assert shapes == [(1300, 900), (650, 450), (325, 225), (163, 113)]
+    l1 = g["1"][:]
+    np.testing.assert_allclose(l1[10, 400], np.nanmean(data[20:22, 800:802]), rtol=1e-6)
+    assert np.isnan(l1[:, : 900 // 6 - 1]).all()  # background stays NaN down the pyramid
+    node = list(Reader(parse_url(str(tmp_path / "m.zarr")))())[0]
+    assert [d.shape for d in node.data] == shapes
+    ms = node.metadata
+    assert [a["name"] for a in ms["axes"]] == ["y", "x"]
+    assert all(a["unit"] == "micrometer" and a["type"] == "space" for a in ms["axes"])
+    scales = [t[0]["scale"] for t in ms["coordinateTransformations"]]
+    assert scales == [[2.0 * 2**k] * 2 for k in range(4)]
+    attrs = json.loads((tmp_path / "m.zarr" / ".zattrs").read_text())
+    assert attrs["multiscales"][0]["version"] == "0.4"
+    assert json.loads((tmp_path / "m.zarr" / "0" / ".zarray").read_text())["dimension_separator"] == "/"
+
+
+def test_finalize_marks_complete_last_and_replaces(tmp_path):
+    out = tmp_path / "r.zarr"
+    tmp = writers.tmp_path_for(out)
+    g = writers.open_new_store(tmp)
+    writers.create_map_level(g, "0", (10, 10))
+    assert not writers.is_complete(tmp)
+    writers.finalize(tmp, out, {"x": 1})
+    assert writers.is_complete(out) and not tmp.exists()
+    assert writers.read_attrs(out)["x"] == 1
+    # a marker file without the attribute (or the reverse) is not complete
+    (out / writers.MARKER).unlink()
+    assert not writers.is_complete(out)
+
+
+def test_ome_tiff_pyramid_subifds_physical_size_and_valid_xml(tmp_path):
+    import tifffile
+    from ome_types import from_xml
+
+    g, data, n = _store_with_map(tmp_path, H=700, W=600, um=1.5)
+    levels = writers.map_levels(g)
+    f = write_ome_tiff(levels, 1.5, tmp_path / "heat.ome.tif", rgb=False)
+    r = write_ome_tiff(levels, 1.5, rgb_path_for(f), rgb=True, vmin=0.0, vmax=1.0)
+    assert r.name == "heat.rgb.ome.tif"
+    for path, rgb in ((f, False), (r, True)):
+        with tifffile.TiffFile(path) as tf:
+            assert tf.is_ome
+            page = tf.pages[0]
+            assert page.is_tiled and page.tilewidth == 256 and page.tilelength == 256
+            assert page.compression == tifffile.COMPRESSION.ADOBE_DEFLATE
+            assert len(page.subifds or ()) == n - 1  # the pyramid is in SubIFDs, not top-level pages
+            assert len(tf.pages) == 1
+            s = tf.series[0]
+            assert [lv.shape[:2] for lv in s.levels] == [lv.shape for lv in levels]
+            base = s.levels[0].asarray()
+            if rgb:
+                assert base.dtype == np.uint8 and base.shape[2] == 3
+                assert (base[:, :100] == 255).all()  # NaN background -> white
+            else:
+                assert base.dtype == np.float32
+                np.testing.assert_array_equal(base, data)
+                np.testing.assert_array_equal(s.levels[1].asarray(), levels[1][:])
+            ome = from_xml(tf.ome_metadata)
+        px = ome.images[0].pixels
+        assert px.physical_size_x == pytest.approx(1.5) and px.physical_size_y == pytest.approx(1.5)
+        assert px.physical_size_x_unit.value == "µm"
+    assert not list(tmp_path.glob(".*partial"))
+
+
+def test_rgb_path_names():
+    assert rgb_path_for("a/b.ome.tif").name == "b.rgb.ome.tif"
+    assert rgb_path_for("b.ome.tiff").name == "b.rgb.ome.tiff"
+    assert rgb_path_for("b.tif").name == "b.rgb.tif"
+
+
+@pytest.mark.parametrize("name", ["tiles.geojson", "tiles.geojson.gz"])
+def test_geojson_fields_as_qupath_needs(tmp_path, name):
+    xs = np.array([1000, 1256, 1512, 1000])
+    ys = np.array([500, 500, 500, 756])
+    mean = np.array([0.1, 0.12, 5.0, np.nan], np.float32)  # the last tile failed
+    mx = np.array([0.2, 0.3, 9.0, np.nan], np.float32)
+    thr = robust_threshold(mean)
+    n = write_geojson(tmp_path / name, xs, ys, 256.0, 256.0, mean, mx, threshold=thr["value"], offset=(100, 50),
+                      rows=np.array([0, 0, 0, 1]), cols=np.array([0, 1, 2, 0]), seed="s")
+    assert n == 3
+    raw = (tmp_path / name).read_bytes()
+    text = gzip.decompress(raw).decode() if name.endswith(".gz") else raw.decode()
+    fc = json.loads(text)
+    assert fc["type"] == "FeatureCollection" and len(fc["features"]) == 3
+    f0, f2 = fc["features"][0], fc["features"][2]
+    assert f0["type"] == "Feature"
+    assert f0["geometry"]["type"] == "Polygon"
+    assert f0["geometry"]["coordinates"] == [[[900, 450], [1156, 450], [1156, 706], [900, 706], [900, 450]]]
+    p = f0["properties"]
+    assert p["objectType"] == "tile"
+    assert set(p["measurements"]) == {"anomaly_score", "anomaly_score_max"}
+    assert p["measurements"]["anomaly_score"] == pytest.approx(0.1)
+    assert "classification" not in p
+    c = f2["properties"]["classification"]
+    assert c["name"] == CLASS_NAME and len(c["color"]) == 3 and all(0 <= v <= 255 for v in c["color"])
+    assert len({f["id"] for f in fc["features"]}) == 3
+
+
+def test_robust_threshold():
+    s = np.r_[np.linspace(1.0, 2.0, 101), [50.0, 60.0]]
+    t = robust_threshold(s)
+    assert t["median"] == pytest.approx(np.median(s))
+    assert 2.0 < t["value"] < 50.0
+    assert robust_threshold(np.array([np.nan]))["value"] is None
+
+
+def test_preview_png(tmp_path):
+    from PIL import Image
+
+    thumb = np.full((200, 300, 3), 240, np.uint8)
+    heat = np.random.default_rng(0).random((50, 60)).astype(np.float32)
+    heat[:10] = np.nan
+    p = write_preview(tmp_path / "p.png", thumb, (3000, 2000), heat, (300, 200, 2700, 1800), vmin=0, vmax=1)
+    img = np.asarray(Image.open(p).convert("RGB"))
+    assert img.shape[0] >= 200 and img.shape[1] > 300
+    # the overlay changed pixels inside the heat extent but not the glass outside it
+    assert len(np.unique(img.reshape(-1, 3), axis=0)) > 20
+
+
+def test_unwritable_output_is_a_one_line_error(tmp_path):
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("x")
+    with pytest.raises(OutputError, match="file.txt"):
+        writers.check_writable(blocker / "out.zarr", "zarr store")
+    with pytest.raises(OutputError):
+        write_geojson(blocker / "t.geojson", np.array([0]), np.array([0]), 1.0, 1.0, np.array([1.0]), np.array([1.0]),
+                      threshold=None)

@@ -1,0 +1,106 @@
+"""Tile objects for QuPath: a GeoJSON FeatureCollection QuPath imports by drag-and-drop.
+
+Each scored tile becomes a ``"tile"`` object with its scores as measurements, so that QuPath's
+Measure -> Show measurement maps colours the slide by ``anomaly_score``. Tiles above the slide's threshold
+also get the class ``Anomalous`` (a class needs a colour, or QuPath's import fails).
+
+Coordinates: QuPath shows an OpenSlide image cropped to ``openslide.bounds-*`` when the slide has them, so
+its pixel (0, 0) is level-0 pixel (bounds-x, bounds-y). We subtract that offset (recorded in the store's
+attributes as ``geojson.offset``). Features are streamed to disk one at a time (no list of 40k dicts).
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import OutputError
+from .writers import atomic_path, discard
+
+CLASS_NAME = "Anomalous"
+CLASS_COLOR = (220, 20, 60)
+#: Robust threshold: median + K * 1.4826 * MAD of the slide's scored tile means (see docs/output-format.md).
+MAD_K = 3.0
+_NS = uuid.UUID("6b1d3c1e-4f0c-4a7e-9b52-2f1a9f0c7d11")
+
+
+def robust_threshold(scores: np.ndarray, k: float = MAD_K) -> dict[str, Any]:
+    """median + k·1.4826·MAD of the finite tile scores: ~k standard deviations above typical tissue.
+
+    Robust to the anomalies themselves (they move the median and MAD little), needs no labels and no
+    training-set statistics, and adapts to each slide's staining. With no scored tile it is NaN.
+    """
+    s = np.asarray(scores, dtype=np.float64)
+    s = s[np.isfinite(s)]
+    if s.size == 0:
+        return {"method": f"median + {k:g} * 1.4826 * MAD of tile anomaly_score", "value": None,
+                "median": None, "mad": None, "k": k}
+    med = float(np.median(s))
+    mad = float(np.median(np.abs(s - med)))
+    return {"method": f"median + {k:g} * 1.4826 * MAD of tile anomaly_score", "value": med + k * 1.4826 * mad,
+            "median": med, "mad": mad, "k": k}
+
+
+def _num(v: float) -> float | int:
+    r = round(float(v), 3)
+    return int(r) if r.is_integer() else r
+
+
+def write_geojson(path: str | Path, xs: np.ndarray, ys: np.ndarray, tile_w: float, tile_h: float,
+                  score_mean: np.ndarray, score_max: np.ndarray, *, threshold: float | None,
+                  offset: tuple[float, float] = (0.0, 0.0), rows: np.ndarray | None = None,
+                  cols: np.ndarray | None = None, seed: str = "") -> int:
+    """Write a FeatureCollection of the tiles with finite scores. ``.gz`` -> gzip. Returns the feature count.
+
+    ``xs, ys``: level-0 top-left of each tile; ``offset``: subtracted (the OpenSlide bounds origin).
+    Feature ids are UUIDs derived from ``seed`` and the tile's row/column, so reruns give the same ids.
+    """
+    path = Path(path)
+    tmp = atomic_path(path)
+    gz = path.name.lower().endswith(".gz")
+    n = 0
+    try:
+        raw = open(tmp, "wb")
+        try:
+            f = io.TextIOWrapper(gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) if gz else raw, encoding="utf-8")
+            f.write('{"type": "FeatureCollection", "features": [')
+            for i in range(len(xs)):
+                m, mx = float(score_mean[i]), float(score_max[i])
+                if not (np.isfinite(m) and np.isfinite(mx)):
+                    continue  # failed tile: no score, no object (JSON has no NaN)
+                x0, y0 = float(xs[i]) - offset[0], float(ys[i]) - offset[1]
+                x1, y1 = x0 + tile_w, y0 + tile_h
+                ring = [[_num(x0), _num(y0)], [_num(x1), _num(y0)], [_num(x1), _num(y1)], [_num(x0), _num(y1)],
+                        [_num(x0), _num(y0)]]
+                r = int(rows[i]) if rows is not None else i
+                c = int(cols[i]) if cols is not None else 0
+                props: dict[str, Any] = {
+                    "objectType": "tile",
+                    "name": f"tile r{r} c{c}",
+                    "measurements": {"anomaly_score": m, "anomaly_score_max": mx},
+                }
+                if threshold is not None and m > threshold:
+                    props["classification"] = {"name": CLASS_NAME, "color": list(CLASS_COLOR)}
+                feat = {
+                    "type": "Feature",
+                    "id": str(uuid.uuid5(_NS, f"{seed}:{r}:{c}")),
+                    "geometry": {"type": "Polygon", "coordinates": [ring]},
+                    "properties": props,
+                }
+                f.write(("\n" if n == 0 else ",\n") + json.dumps(feat, separators=(",", ":")))
+                n += 1
+            f.write("\n]}\n")
+            f.close()
+        finally:
+            raw.close()
+        tmp.replace(path)
+    except OSError as exc:
+        discard(tmp)
+        raise OutputError(f"{path}: cannot write GeoJSON ({exc.strerror or exc})") from None
+    return n

@@ -1,0 +1,320 @@
+"""The OUT.zarr result store: an OME-NGFF 0.4 multiscale heatmap on Zarr format 2, plus tile tables.
+
+Why it looks like this:
+- The store is built in a sibling temp directory and renamed onto the final name only after the completion
+  marker is in it, so a killed run never leaves something that looks finished under the final name, and a
+  rerun simply deletes the leftover temp directory and starts again.
+- Level 0 of the map is assembled chunk by chunk: tiles arrive in any order, each is pasted into an
+  in-memory buffer of the 512x512 chunk(s) it covers, and a chunk is written (once, without reading it
+  back) as soon as every tile that touches it has arrived. Only chunks with pending tiles are held, which
+  for a row-major grid is about one row of chunks: memory follows the slide's width, never its area.
+- Lower levels are computed after the tiles are done, chunk by chunk from the level above (NaN-aware 2x2
+  mean), so background stays NaN all the way down.
+
+Layout (see docs/output-format.md): ``0``, ``1``, ... map levels (float32, y/x); ``tiles/*`` per tissue
+tile; ``grid/score_mean``, ``grid/score_max`` (n_rows, n_cols); ``mask`` the tissue mask; provenance in the
+root attribute ``wsi_haloae``; completion marker = attribute ``wsi_haloae.complete`` and a ``.complete``
+file, both written last.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import OutputError
+
+CHUNK = 512
+#: The pyramid goes down until the longest side is at most this many pixels (one TIFF tile).
+MIN_LEVEL_SIZE = 256
+MARKER = ".complete"
+ATTR = "wsi_haloae"
+
+
+def tmp_path_for(out: Path) -> Path:
+    """The sibling directory a store is built in (a fixed name, so a rerun finds and removes leftovers)."""
+    out = Path(out)
+    return out.with_name(f".{out.name}.partial")
+
+
+def is_complete(out_zarr: str | Path) -> bool:
+    """True when ``out_zarr`` holds a finished result (marker file and attribute, both written last)."""
+    p = Path(out_zarr)
+    if not (p / MARKER).is_file():
+        return False
+    try:
+        attrs = json.loads((p / ".zattrs").read_text())
+    except (OSError, ValueError):
+        return False
+    return bool(attrs.get(ATTR, {}).get("complete"))
+
+
+def read_attrs(out_zarr: str | Path) -> dict[str, Any]:
+    """The ``wsi_haloae`` provenance attributes of a store."""
+    return json.loads((Path(out_zarr) / ".zattrs").read_text()).get(ATTR, {})
+
+
+@dataclass(frozen=True)
+class MapGeometry:
+    """Where level 0 of the heatmap sits on the slide.
+
+    ``origin_x/y``: level-0 slide pixel of the map's top-left corner (the OpenSlide bounds origin, so the
+    map lines up with the image QuPath shows). ``slide_px``: level-0 slide pixels per map pixel.
+    ``um``: microns per map pixel. ``block``: map pixels per tile side.
+    """
+
+    height: int
+    width: int
+    origin_x: float
+    origin_y: float
+    slide_px: float
+    um: float
+    block: int
+
+    @staticmethod
+    def for_slide(bounds: tuple[int, int, int, int], mpp0: float, target_mpp: float, tile_size: int,
+                  pixel_downsample: int) -> "MapGeometry":
+        bx, by, bw, bh = bounds
+        slide_px = target_mpp * pixel_downsample / mpp0
+        return MapGeometry(
+            height=max(1, math.ceil(bh / slide_px - 1e-6)),
+            width=max(1, math.ceil(bw / slide_px - 1e-6)),
+            origin_x=float(bx),
+            origin_y=float(by),
+            slide_px=slide_px,
+            um=target_mpp * pixel_downsample,
+            block=tile_size // pixel_downsample,
+        )
+
+    def tile_origins(self, xs: np.ndarray, ys: np.ndarray, rows: np.ndarray, cols: np.ndarray,
+                     level0_stride: float) -> tuple[np.ndarray, np.ndarray]:
+        """Map-pixel top-left of each tile.
+
+        From the grid's row/column (not by rounding each level-0 coordinate), so neighbouring tiles abut
+        exactly even when the level-0 tile size is fractional.
+        """
+        if len(xs) == 0:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        gx = float(xs[0]) - float(cols[0]) * level0_stride - self.origin_x
+        gy = float(ys[0]) - float(rows[0]) * level0_stride - self.origin_y
+        ox, oy = int(round(gx / self.slide_px)), int(round(gy / self.slide_px))
+        return cols.astype(np.int64) * self.block + ox, rows.astype(np.int64) * self.block + oy
+
+
+def open_new_store(path: Path):
+    """A fresh zarr v2 group at ``path`` with '/'-separated chunk keys (OME-NGFF 0.4 requires them)."""
+    import zarr
+
+    if path.exists():
+        shutil.rmtree(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        store = zarr.DirectoryStore(str(path), dimension_separator="/")
+        return zarr.open_group(store, mode="w")
+    except OSError as exc:
+        raise OutputError(f"{path}: cannot write output ({exc.strerror or exc})") from None
+
+
+def open_store(path: Path, mode: str = "r"):
+    import zarr
+
+    return zarr.open_group(zarr.DirectoryStore(str(path), dimension_separator="/"), mode=mode)
+
+
+def create_map_level(group, name: str, shape: tuple[int, int]):
+    import zarr  # noqa: F401  (group.create_dataset needs zarr loaded)
+
+    return group.create_dataset(name, shape=shape, chunks=(CHUNK, CHUNK), dtype="f4", fill_value=np.nan,
+                                write_empty_chunks=False)
+
+
+class ChunkAssembler:
+    """Pastes tile blocks into level 0 and writes each chunk once, when all its tiles have arrived.
+
+    ``add(i, block)`` with ``block=None`` marks tile ``i`` as done without data (a tile that failed to read:
+    it stays NaN).
+    """
+
+    def __init__(self, array, px: np.ndarray, py: np.ndarray, block: int):
+        self.array = array
+        self.h, self.w = array.shape
+        self.ch, self.cw = array.chunks
+        self.px, self.py, self.b = px, py, block
+        self.pending: dict[tuple[int, int], int] = {}
+        self.buffers: dict[tuple[int, int], np.ndarray] = {}
+        self.done = np.zeros(len(px), dtype=bool)
+        for i in range(len(px)):
+            for key in self._chunks_of(i):
+                self.pending[key] = self.pending.get(key, 0) + 1
+
+    def _rect(self, i: int) -> tuple[int, int, int, int]:
+        x0, y0 = int(self.px[i]), int(self.py[i])
+        return max(0, x0), max(0, y0), min(self.w, x0 + self.b), min(self.h, y0 + self.b)
+
+    def _chunks_of(self, i: int):
+        x0, y0, x1, y1 = self._rect(i)
+        if x1 <= x0 or y1 <= y0:
+            return
+        for cy in range(y0 // self.ch, (y1 - 1) // self.ch + 1):
+            for cx in range(x0 // self.cw, (x1 - 1) // self.cw + 1):
+                yield cy, cx
+
+    def add(self, i: int, block: np.ndarray | None) -> None:
+        if self.done[i]:
+            return
+        self.done[i] = True
+        x0, y0, x1, y1 = self._rect(i)
+        for key in list(self._chunks_of(i)):
+            cy, cx = key
+            if block is not None:
+                buf = self.buffers.get(key)
+                if buf is None:
+                    buf = self.buffers[key] = np.full((self.ch, self.cw), np.nan, dtype=np.float32)
+                ys0, xs0 = cy * self.ch, cx * self.cw
+                # intersection of the tile rect with this chunk
+                ax0, ay0 = max(x0, xs0), max(y0, ys0)
+                ax1, ay1 = min(x1, xs0 + self.cw), min(y1, ys0 + self.ch)
+                tx, ty = int(self.px[i]), int(self.py[i])
+                buf[ay0 - ys0:ay1 - ys0, ax0 - xs0:ax1 - xs0] = block[ay0 - ty:ay1 - ty, ax0 - tx:ax1 - tx]
+            self.pending[key] -= 1
+            if self.pending[key] == 0:
+                self._flush(key)
+
+    def _flush(self, key: tuple[int, int]) -> None:
+        del self.pending[key]
+        buf = self.buffers.pop(key, None)
+        if buf is None:  # every tile here failed: the chunk stays absent (= fill value NaN)
+            return
+        cy, cx = key
+        y0, x0 = cy * self.ch, cx * self.cw
+        y1, x1 = min(self.h, y0 + self.ch), min(self.w, x0 + self.cw)
+        self.array[y0:y1, x0:x1] = buf[: y1 - y0, : x1 - x0]
+
+    def finish(self) -> None:
+        """Write whatever is still buffered (only when some tiles were never delivered)."""
+        for key in list(self.pending):
+            self._flush(key)
+
+    @property
+    def buffered_chunks(self) -> int:
+        return len(self.buffers)
+
+
+def nan_mean_2x2(a: np.ndarray) -> np.ndarray:
+    """2x2 block mean ignoring NaN (all-NaN blocks stay NaN); odd edges are padded with NaN."""
+    h, w = a.shape
+    if h % 2 or w % 2:
+        p = np.full((h + h % 2, w + w % 2), np.nan, dtype=np.float32)
+        p[:h, :w] = a
+        a = p
+    r = a.reshape(a.shape[0] // 2, 2, a.shape[1] // 2, 2)
+    valid = ~np.isnan(r)
+    cnt = valid.sum(axis=(1, 3))
+    s = np.where(valid, r, 0.0).sum(axis=(1, 3), dtype=np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = (s / cnt).astype(np.float32)
+    out[cnt == 0] = np.nan
+    return out
+
+
+def build_pyramid(group, min_size: int = MIN_LEVEL_SIZE) -> int:
+    """Add levels 1, 2, ... (2x NaN-aware mean of the level above), chunk by chunk. Returns the level count."""
+    level = 0
+    src = group["0"]
+    while max(src.shape) > min_size:
+        h, w = src.shape
+        dst = create_map_level(group, str(level + 1), ((h + 1) // 2, (w + 1) // 2))
+        ch, cw = dst.chunks
+        for y0 in range(0, dst.shape[0], ch):
+            for x0 in range(0, dst.shape[1], cw):
+                y1, x1 = min(dst.shape[0], y0 + ch), min(dst.shape[1], x0 + cw)
+                block = src[2 * y0:min(h, 2 * y1), 2 * x0:min(w, 2 * x1)]
+                if np.isnan(block).all():
+                    continue  # absent chunk = NaN
+                dst[y0:y1, x0:x1] = nan_mean_2x2(block)[: y1 - y0, : x1 - x0]
+        level += 1
+        src = dst
+    return level + 1
+
+
+def write_multiscales(group, n_levels: int, um: float, name: str = "anomaly_map") -> None:
+    """OME-NGFF 0.4 ``multiscales`` metadata: axes y/x in micrometres, a scale transform per level."""
+    from ome_zarr.format import FormatV04
+    from ome_zarr.writer import write_multiscales_metadata
+
+    datasets = [
+        {"path": str(k), "coordinateTransformations": [{"type": "scale", "scale": [um * 2**k, um * 2**k]}]}
+        for k in range(n_levels)
+    ]
+    axes = [{"name": "y", "type": "space", "unit": "micrometer"}, {"name": "x", "type": "space", "unit": "micrometer"}]
+    write_multiscales_metadata(group, datasets, fmt=FormatV04(), axes=axes, name=name,
+                               metadata={"method": "nan-aware 2x2 mean (wsi_haloae.infer.writers.nan_mean_2x2)"})
+
+
+def write_table(group, name: str, data: np.ndarray, chunk: int = 65536) -> None:
+    """A small 1-D/2-D table (tiles, grids); chunked along the first axis."""
+    chunks = (min(max(1, data.shape[0]), chunk),) + tuple(data.shape[1:]) if data.ndim else None
+    fill = np.nan if data.dtype.kind == "f" else 0
+    group.create_dataset(name, data=data, chunks=chunks, fill_value=fill)
+
+
+def map_levels(group) -> list:
+    """The map level arrays in order (from the multiscales metadata)."""
+    ms = group.attrs["multiscales"][0]["datasets"]
+    return [group[d["path"]] for d in ms]
+
+
+def finalize(tmp: Path, out: Path, attrs: dict[str, Any]) -> None:
+    """Write the completion marker (attribute, then file) LAST, then move the store onto its final name."""
+    g = open_store(tmp, mode="r+")
+    attrs = dict(attrs, complete=True)
+    g.attrs[ATTR] = attrs
+    marker = tmp / MARKER
+    with open(marker, "w") as f:
+        f.write(json.dumps({"end_time": attrs.get("end_time")}) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old")
+        if old.exists():
+            shutil.rmtree(old)
+        out.rename(old)
+    tmp.rename(out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def atomic_path(final: Path) -> Path:
+    """Temp name beside ``final`` for a single-file output (renamed onto ``final`` when written)."""
+    return final.with_name(f".{final.name}.partial")
+
+
+def discard(path: Path) -> None:
+    """Remove a temp file if it is there (never raises: it runs while another error is being reported)."""
+    try:
+        Path(path).unlink(missing_ok=True)
+    except OSError:
+        pass
+
+
+def check_writable(path: Path, what: str) -> None:
+    """Fail early, before an hour of inference, when an output cannot be created."""
+    parent = Path(path).absolute().parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"{path}: cannot create {what} folder {parent} ({exc.strerror or exc})") from None
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError(f"{path}: cannot write {what} (folder {parent} is not writable)")
+    if Path(path).exists() and Path(path).is_dir() and what != "zarr store":
+        raise OutputError(f"{path}: cannot write {what} (a folder of that name exists)")
+    if what == "zarr store" and Path(path).exists() and not Path(path).is_dir():
+        raise OutputError(f"{path}: cannot write {what} (a file of that name exists)")
