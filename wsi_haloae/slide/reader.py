@@ -1,0 +1,372 @@
+"""One small reader type over OpenSlide (and, for small plain images, Pillow/tifffile).
+
+Why a wrapper: the rest of the package needs RGB uint8 arrays at a target resolution, one error type that
+names the file, a per-tile error it can survive, and a handle per process that is safe after ``fork``
+(DataLoader / process-pool workers). OpenSlide does the real work; we pick the pyramid level and resample.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from ..errors import BadSlideError
+
+log = logging.getLogger(__name__)
+
+#: Largest plain (non-pyramidal) image we decode fully into memory: 16384² px (≈ 800 MB as RGB).
+#: A bigger flat image is refused: convert it to a pyramidal TIFF first (e.g. ``vips tiffsave --tile --pyramid``).
+MAX_FLAT_PIXELS = 16384 * 16384
+
+#: Relative tolerance under which a level's downsample counts as the wanted scale (0.499 vs 0.5 mpp).
+SCALE_TOLERANCE = 0.02
+
+#: Longest side, in level pixels, of one OpenSlide read when building a low-resolution image in chunks.
+_CHUNK = 2048
+
+
+class TileReadError(BadSlideError):
+    """A read failed inside a slide that opened fine (e.g. a corrupt JPEG tile).
+
+    The inference engine catches this per tile, counts it, and goes on; anywhere else it is a user error
+    like any other bad slide. The reader reopens its handle after one, because OpenSlide leaves a handle in
+    an error state once a read fails.
+    """
+
+
+def _composite_white(rgba: Image.Image | np.ndarray) -> np.ndarray:
+    """RGBA (not premultiplied, as openslide-python returns it) on white → RGB uint8."""
+    a = np.asarray(rgba)
+    if a.ndim == 2:
+        return np.repeat(a[..., None], 3, axis=2).astype(np.uint8)
+    if a.shape[2] == 3:
+        return np.ascontiguousarray(a, dtype=np.uint8)
+    if a.shape[2] == 4:
+        alpha = a[..., 3:4]
+        if alpha.min() == 255:
+            return np.ascontiguousarray(a[..., :3])
+        rgb = a[..., :3].astype(np.uint16)
+        al = alpha.astype(np.uint16)
+        return ((rgb * al + 255 * (255 - al) + 127) // 255).astype(np.uint8)
+    if a.shape[2] == 2:  # grey + alpha
+        return _composite_white(np.concatenate([np.repeat(a[..., :1], 3, axis=2), a[..., 1:]], axis=2))
+    raise ValueError(f"unsupported channel count {a.shape[2]}")
+
+
+def _resolve_path(path: Path) -> Path:
+    """A DICOM WSI folder is opened through any one of its files (OpenSlide finds the rest)."""
+    if path.is_dir():
+        dcm = sorted(p for p in path.iterdir() if p.suffix.lower() == ".dcm")
+        if not dcm:
+            raise BadSlideError(f"cannot open slide {path}: a folder, and it holds no DICOM (.dcm) file")
+        return dcm[0]
+    return path
+
+
+def _valid_mpp(v: Any) -> float | None:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) and f > 0 else None
+
+
+class _OpenSlideBackend:
+    def __init__(self, path: Path):
+        import openslide
+
+        self._osr = openslide.OpenSlide(str(path))
+        self.dimensions = self._osr.dimensions
+        self.level_dimensions = tuple(self._osr.level_dimensions)
+        self.level_downsamples = tuple(float(d) for d in self._osr.level_downsamples)
+        self.properties = dict(self._osr.properties)
+
+    def read(self, x: int, y: int, level: int, w: int, h: int) -> np.ndarray:
+        return _composite_white(self._osr.read_region((x, y), level, (w, h)))
+
+    def close(self) -> None:
+        self._osr.close()
+
+
+class _ArrayBackend:
+    """A whole small image held in memory: plain PNG/JPEG/flat TIFF that OpenSlide refuses."""
+
+    def __init__(self, path: Path):
+        self.array = self._load(path)
+        h, w = self.array.shape[:2]
+        self.dimensions = (w, h)
+        self.level_dimensions = ((w, h),)
+        self.level_downsamples = (1.0,)
+        self.properties = {"wsi-haloae.reader": "flat-image"}
+
+    @staticmethod
+    def _check_size(path: Path, w: int, h: int) -> None:
+        if w * h > MAX_FLAT_PIXELS:
+            raise BadSlideError(
+                f"cannot open slide {path}: a flat (non-pyramidal) image of {w}x{h} px, larger than the "
+                f"{MAX_FLAT_PIXELS} px limit for flat images; convert it to a pyramidal tiled TIFF"
+            )
+
+    @classmethod
+    def _load(cls, path: Path) -> np.ndarray:
+        errors = []
+        limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None  # we apply our own limit below
+        try:
+            with Image.open(path) as im:
+                cls._check_size(path, *im.size)
+                im.draft("RGB", im.size)
+                if im.mode not in ("RGB", "RGBA", "L", "LA"):
+                    im = im.convert("RGBA" if "A" in im.getbands() else "RGB")
+                return _composite_white(np.asarray(im))
+        except BadSlideError:
+            raise
+        except Exception as exc:  # Pillow cannot: try tifffile for TIFF flavours it handles
+            errors.append(f"Pillow: {exc}")
+        finally:
+            Image.MAX_IMAGE_PIXELS = limit
+        if path.suffix.lower() in (".tif", ".tiff"):
+            import tifffile
+
+            try:
+                with tifffile.TiffFile(path) as tf:
+                    page = tf.pages[0]
+                    shape = page.shape
+                    h, w = (shape[0], shape[1]) if page.samplesperpixel > 1 or len(shape) == 2 else shape[-2:]
+                    cls._check_size(path, int(w), int(h))
+                    a = page.asarray()
+                if a.dtype != np.uint8:
+                    a = a.astype(np.float64)
+                    lo, hi = float(a.min()), float(a.max())
+                    a = ((a - lo) / (hi - lo or 1.0) * 255).astype(np.uint8)
+                if a.ndim == 3 and a.shape[0] in (3, 4) and a.shape[2] not in (3, 4):
+                    a = np.moveaxis(a, 0, -1)
+                return _composite_white(a)
+            except BadSlideError:
+                raise
+            except Exception as exc:
+                errors.append(f"tifffile: {exc}")
+        raise BadSlideError("; ".join(errors))
+
+    def read(self, x: int, y: int, level: int, w: int, h: int) -> np.ndarray:
+        out = np.full((h, w, 3), 255, dtype=np.uint8)
+        H, W = self.array.shape[:2]
+        x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + w, W), min(y + h, H)
+        if x1 > x0 and y1 > y0:
+            out[y0 - y:y1 - y, x0 - x:x1 - x] = self.array[y0:y1, x0:x1]
+        return out
+
+    def close(self) -> None:
+        self.array = np.zeros((0, 0, 3), np.uint8)
+
+
+class SlideReader:
+    """A whole-slide image: geometry, resolution, and RGB reads at any target resolution.
+
+    Coordinates are always level-0 pixels of the full image (as OpenSlide's ``read_region`` takes them,
+    bounds offset included).
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self._backend: _OpenSlideBackend | _ArrayBackend | None = None
+        if not self.path.exists():
+            raise BadSlideError(f"cannot open slide {self.path}: no such file or folder")
+        self._file = _resolve_path(self.path)
+        self._open()
+        b = self._backend
+        assert b is not None
+        self.dimensions: tuple[int, int] = tuple(int(v) for v in b.dimensions)  # type: ignore[assignment]
+        self.level_dimensions: tuple[tuple[int, int], ...] = tuple(tuple(map(int, d)) for d in b.level_dimensions)
+        self.level_downsamples: tuple[float, ...] = tuple(b.level_downsamples)
+        self.level_count = len(self.level_dimensions)
+        self.properties: dict[str, str] = dict(b.properties)
+        self.properties_sha256 = hashlib.sha256(
+            json.dumps(sorted(self.properties.items()), ensure_ascii=False).encode()
+        ).hexdigest()
+        mx = _valid_mpp(self.properties.get("openslide.mpp-x"))
+        my = _valid_mpp(self.properties.get("openslide.mpp-y"))
+        #: level-0 microns per pixel (mean of x and y), None when the file does not say
+        self.mpp: float | None = (mx + my) / 2 if mx and my else (mx or my)
+        w, h = self.dimensions
+        bx = int(self.properties.get("openslide.bounds-x", 0) or 0)
+        by = int(self.properties.get("openslide.bounds-y", 0) or 0)
+        bw = int(self.properties.get("openslide.bounds-width", w - bx) or (w - bx))
+        bh = int(self.properties.get("openslide.bounds-height", h - by) or (h - by))
+        #: (x, y, w, h) of the non-empty region in level-0 px
+        self.bounds: tuple[int, int, int, int] = (bx, by, bw, bh)
+        self.vendor = self.properties.get("openslide.vendor", "flat-image" if self.is_flat else "unknown")
+
+    # -- opening ---------------------------------------------------------------------------------------------
+    def _open(self) -> None:
+        import openslide
+
+        try:
+            self._backend = _OpenSlideBackend(self._file)
+            return
+        except openslide.OpenSlideUnsupportedFormatError as exc:
+            os_reason = str(exc) or "unsupported format"
+        except openslide.OpenSlideError as exc:
+            raise BadSlideError(f"cannot open slide {self.path}: {exc}") from None
+        except OSError as exc:
+            raise BadSlideError(f"cannot open slide {self.path}: {exc.strerror or exc}") from None
+        try:
+            self._backend = _ArrayBackend(self._file)
+        except BadSlideError as exc:
+            msg = str(exc)
+            if msg.startswith("cannot open slide"):
+                raise
+            raise BadSlideError(
+                f"cannot open slide {self.path}: not a format OpenSlide reads ({os_reason}) nor an image Pillow "
+                f"or tifffile can decode"
+            ) from None
+
+    @property
+    def is_flat(self) -> bool:
+        return isinstance(self._backend, _ArrayBackend)
+
+    def close(self) -> None:
+        if self._backend is not None:
+            self._backend.close()
+            self._backend = None
+
+    def __enter__(self) -> "SlideReader":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"SlideReader({str(self.path)!r}, {self.dimensions[0]}x{self.dimensions[1]}, levels={self.level_count}, mpp={self.mpp})"
+
+    # -- reading ---------------------------------------------------------------------------------------------
+    def read_region(self, x: int, y: int, level: int, w: int, h: int) -> np.ndarray:
+        """RGB uint8 (h, w, 3) at ``level`` whose top-left is level-0 (x, y); transparent areas are white."""
+        if not 0 <= level < self.level_count:
+            raise ValueError(f"level {level} out of range 0..{self.level_count - 1}")
+        if self._backend is None:  # reopened after a failed read (or after close)
+            self._open()
+        assert self._backend is not None
+        try:
+            return self._backend.read(int(x), int(y), int(level), int(w), int(h))
+        except Exception as exc:
+            import openslide
+
+            if isinstance(exc, (openslide.OpenSlideError, OSError)):
+                # OpenSlide handles stay in an error state after a failed read: drop it, reopen on next use
+                try:
+                    self.close()
+                except Exception:  # pragma: no cover - closing a broken handle
+                    self._backend = None
+                raise TileReadError(
+                    f"cannot read slide {self.path} at level {level} ({x}, {y}, {w}x{h}): {exc}"
+                ) from None
+            raise
+
+    def best_level(self, scale: float) -> int:
+        """The lowest-resolution level whose downsample is ≤ ``scale`` (level-0 px per output px)."""
+        best = 0
+        for i, d in enumerate(self.level_downsamples):
+            if d <= scale * (1 + SCALE_TOLERANCE):
+                best = i
+        return best
+
+    def scale_for(self, mpp: float | None) -> float:
+        """Level-0 px per output px at target ``mpp``; snapped to a pyramid level within 2 %.
+
+        A slide without mpp read at a given ``mpp`` is taken to be *at* that mpp at level 0 (scale 1).
+        """
+        if mpp is None or self.mpp is None:
+            return 1.0
+        s = mpp / self.mpp
+        for d in self.level_downsamples:
+            if abs(s / d - 1) <= SCALE_TOLERANCE:
+                return float(d)
+        return float(s)
+
+    def read_scaled(self, x: float, y: float, w: int, h: int, scale: float) -> np.ndarray:
+        """RGB uint8 (h, w, 3): the level-0 rectangle at (x, y) of size (w·scale, h·scale), resampled.
+
+        Reads the best pyramid level and resizes with Lanczos (antialiased when shrinking); exact (no
+        resampling) when a level's downsample equals ``scale``.
+        """
+        level = self.best_level(scale)
+        d = self.level_downsamples[level]
+        r = scale / d  # level px per output px
+        lx, ly = x / d, y / d
+        if abs(r - 1) < 1e-9:
+            return self.read_region(int(round(lx * d)), int(round(ly * d)), level, w, h)
+        m = 3 if r > 1 else 2  # margin for the filter support, in level px
+        ix0, iy0 = math.floor(lx) - m, math.floor(ly) - m
+        ix1, iy1 = math.ceil(lx + w * r) + m, math.ceil(ly + h * r) + m
+        region = self.read_region(int(round(ix0 * d)), int(round(iy0 * d)), level, ix1 - ix0, iy1 - iy0)
+        box = (lx - ix0, ly - iy0, lx - ix0 + w * r, ly - iy0 + h * r)
+        out = Image.fromarray(region).resize((w, h), Image.Resampling.LANCZOS, box=box)
+        return np.asarray(out)
+
+    def read_tile(self, x: int, y: int, size: int, mpp: float | None) -> np.ndarray:
+        """RGB uint8 (size, size, 3) at target ``mpp`` whose top-left is level-0 (x, y)."""
+        return self.read_scaled(x, y, size, size, self.scale_for(mpp))
+
+    def read_lowres(self, downsample: float) -> np.ndarray:
+        """The whole slide at ``downsample`` level-0 px per pixel, read in bounded chunks (memory ∝ output)."""
+        W, H = self.dimensions
+        ow, oh = max(1, math.ceil(W / downsample)), max(1, math.ceil(H / downsample))
+        level = self.best_level(downsample)
+        r = downsample / self.level_downsamples[level]
+        step = max(1, int(_CHUNK / r))  # output px per chunk so one read stays ≤ _CHUNK level px
+        out = np.full((oh, ow, 3), 255, dtype=np.uint8)
+        failed = total = 0
+        last: Exception | None = None
+        for oy in range(0, oh, step):
+            for ox in range(0, ow, step):
+                cw, ch = min(step, ow - ox), min(step, oh - oy)
+                total += 1
+                try:
+                    out[oy:oy + ch, ox:ox + cw] = self.read_scaled(ox * downsample, oy * downsample, cw, ch, downsample)
+                except TileReadError as exc:
+                    failed += 1
+                    last = exc
+        if failed:
+            if failed == total:
+                raise BadSlideError(str(last))
+            log.warning("%s: %d of %d low-resolution chunks unreadable (left white): %s", self.path, failed, total, last)
+        return out
+
+    def thumbnail(self, max_size: int = 1024) -> np.ndarray:
+        """RGB uint8 image of the whole slide whose long side is ``max_size`` px (or the slide's, if smaller)."""
+        W, H = self.dimensions
+        ds = max(1.0, max(W, H) / max_size)
+        return self.read_lowres(ds)
+
+
+_CACHE: dict[tuple[int, str], SlideReader] = {}
+
+
+def open_slide(path: str | os.PathLike) -> SlideReader:
+    """The reader for ``path`` in this process: opened on first use, then reused.
+
+    Keyed by process id, so a forked DataLoader / pool worker never shares its parent's OpenSlide handle
+    (the inherited entry is ignored, not closed: it belongs to the parent).
+    """
+    key = (os.getpid(), str(Path(path).resolve()))
+    r = _CACHE.get(key)
+    if r is None:
+        for k in [k for k in _CACHE if k[0] != key[0]]:
+            del _CACHE[k]  # inherited from a parent process: forget without closing
+        r = _CACHE[key] = SlideReader(path)
+    return r
+
+
+def close_all() -> None:
+    """Close this process's cached readers."""
+    pid = os.getpid()
+    for k in [k for k in _CACHE if k[0] == pid]:
+        _CACHE.pop(k).close()

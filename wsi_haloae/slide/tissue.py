@@ -1,0 +1,162 @@
+"""Tissue detection on a low-resolution image of the slide.
+
+Otsu on HSV saturation (stained tissue is coloured, glass is grey-white), after a median blur, extended by
+hysteresis (pixels a little more saturated, or clearly darker, than the glass count when connected to
+stained tissue) so pale tissue is not lost; then a colour
+rule removes what Otsu cannot tell from tissue, then morphology (close, drop specks, fill small holes).
+Everything runs on an image of at most ``MAX_MASK_SIDE`` px on the long side, so memory does not grow with
+the slide.
+
+Colour rule (HSV, all in [0, 1]; brightfield stains):
+
+- pen marks: hue 0.45-0.70 (green → cyan → blue) with saturation ≥ 0.30. H&E (hue ≈ 0.75-1.0 and
+  0-0.05), DAB (≈ 0.05-0.12) and a pale hematoxylin counterstain (hue ≈ 0.6, saturation ≈ 0.15) fall
+  outside it. Red pen cannot be told from eosin by colour and is kept.
+- black ink and very dark debris: value < 0.15.
+- glass: saturation below max(Otsu, 0.05), or value > 0.90 with saturation < 0.10 (a floor so a slide that
+  is almost all glass does not get its noise split in two by Otsu).
+
+Fluorescence slides (dark background) are outside what this detects.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .reader import SlideReader
+
+#: Resolution we aim at for the mask (≈ 1.25x objective), in µm per mask pixel.
+MASK_MPP = 8.0
+MIN_MASK_SIDE = 512
+MAX_MASK_SIDE = 4096
+#: Objects (and holes) smaller than this many µm² are dropped (filled); 0.01 mm² ≈ a 100 µm square.
+MIN_OBJECT_UM2 = 10_000.0
+
+PEN_HUE = (0.45, 0.70)
+PEN_MIN_SAT = 0.30
+DARK_MAX_VALUE = 0.15
+SAT_FLOOR = 0.05
+#: A pixel at least this much darker (HSV value) than the glass is pale tissue when attached to stained tissue.
+PALE_VALUE_MARGIN = 0.06
+
+
+@dataclass
+class TissueMask:
+    mask: np.ndarray  # bool (h, w)
+    downsample: float  # level-0 px per mask px
+    threshold: float  # saturation threshold used
+    image: np.ndarray  # the RGB uint8 low-resolution image it was computed from
+
+
+def _remove_small_objects(m: np.ndarray, size: int) -> np.ndarray:
+    from skimage import morphology
+
+    try:
+        return morphology.remove_small_objects(m, max_size=size)
+    except TypeError:  # scikit-image < 0.26
+        return morphology.remove_small_objects(m, min_size=size + 1)
+
+
+def _remove_small_holes(m: np.ndarray, size: int) -> np.ndarray:
+    from skimage import morphology
+
+    try:
+        return morphology.remove_small_holes(m, max_size=size)
+    except TypeError:  # scikit-image < 0.26
+        return morphology.remove_small_holes(m, area_threshold=size + 1)
+
+
+def colour_exclusions(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(pen-or-dark, glass-like) boolean masks from the colour rule in the module docstring."""
+    from skimage.color import rgb2hsv
+
+    hsv = rgb2hsv(rgb)
+    h, s, v = hsv[..., 0], hsv[..., 1], hsv[..., 2]
+    pen = (h >= PEN_HUE[0]) & (h <= PEN_HUE[1]) & (s >= PEN_MIN_SAT)
+    dark = v < DARK_MAX_VALUE
+    glass = (v > 0.90) & (s < 0.10)
+    return pen | dark, glass
+
+
+def detect_tissue(rgb: np.ndarray, mask_mpp: float | None = None) -> tuple[np.ndarray, float]:
+    """Boolean tissue mask of an RGB uint8 image and the saturation threshold used.
+
+    ``mask_mpp`` (µm per pixel of ``rgb``) scales the small-object and hole sizes; without it they are a
+    fixed 0.01 % of the image area (at least 16 px).
+    """
+    from scipy import ndimage
+    from skimage import filters, morphology
+    from skimage.color import rgb2hsv
+
+    hsv = rgb2hsv(rgb)
+    sat = ndimage.median_filter((hsv[..., 1] * 255).astype(np.uint8), size=5)  # denoise JPEG speckle
+    val = ndimage.median_filter((hsv[..., 2] * 255).astype(np.uint8), size=5)
+    if sat.max() == sat.min():
+        t = 255.0
+    else:
+        t = float(filters.threshold_otsu(sat))
+    t = max(t, SAT_FLOOR * 255)
+    # Otsu often splits strongly stained tissue from pale tissue (weak hematoxylin, loose stroma) rather than
+    # tissue from glass. Hysteresis: pale pixels count when connected to strongly stained ones, "pale" being
+    # a saturation just above the glass level, or a value clearly darker than the glass.
+    seeds = sat > t
+    glass_px = ~seeds
+    glass_sat = float(np.median(sat[glass_px])) if glass_px.any() else 0.0
+    glass_val = float(np.median(val[glass_px])) if glass_px.any() else 255.0
+    low = min(t, max(SAT_FLOOR * 255, min(t / 2, glass_sat + 0.05 * 255)))
+    weak = (sat > low) | (val.astype(np.float32) < glass_val - PALE_VALUE_MARGIN * 255)
+    labels, _ = ndimage.label(weak | seeds)
+    keep = np.unique(labels[seeds])
+    m = np.isin(labels, keep[keep > 0])
+    bad, glass = colour_exclusions(rgb)
+    m &= ~bad & ~glass
+    m = morphology.closing(m, morphology.disk(2)).astype(bool)
+    if mask_mpp:
+        size = max(4, int(MIN_OBJECT_UM2 / mask_mpp**2))
+    else:
+        size = max(16, int(1e-4 * m.size))
+    m = _remove_small_objects(m, size)
+    m = _remove_small_holes(m, size)
+    return m, t / 255.0
+
+
+def mask_downsample(reader: SlideReader, level0_tile: float | None = None) -> float:
+    """Level-0 px per mask px: ≈ 8 µm/px, ≥ 8 mask px per tile side, long side within [512, 4096]."""
+    W, H = reader.dimensions
+    long = max(W, H)
+    ds = MASK_MPP / reader.mpp if reader.mpp else long / 2048
+    if level0_tile:
+        ds = min(ds, level0_tile / 8)
+    ds = min(ds, long / MIN_MASK_SIDE)  # at least MIN_MASK_SIDE on the long side ...
+    ds = max(ds, long / MAX_MASK_SIDE, 1.0)  # ... at most MAX_MASK_SIDE, never above level 0
+    return float(ds)
+
+
+def tissue_mask(reader: SlideReader, level0_tile: float | None = None) -> TissueMask:
+    """Read the slide at low resolution and detect tissue on it."""
+    ds = mask_downsample(reader, level0_tile)
+    img = reader.read_lowres(ds)
+    m, t = detect_tissue(img, reader.mpp * ds if reader.mpp else None)
+    return TissueMask(m, ds, t, img)
+
+
+def tile_fractions(mask: np.ndarray, downsample: float, xs: np.ndarray, ys: np.ndarray, size: float) -> np.ndarray:
+    """Fraction of tissue under each level-0 square (x, y, size) via a summed-area table: O(tiles)."""
+    sat = np.zeros((mask.shape[0] + 1, mask.shape[1] + 1), dtype=np.int64)
+    sat[1:, 1:] = np.cumsum(np.cumsum(mask, axis=0, dtype=np.int64), axis=1)
+    h, w = mask.shape
+
+    def edges(v: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+        a = np.clip(np.round(v / downsample).astype(np.int64), 0, n)
+        b = np.clip(np.round((v + size) / downsample).astype(np.int64), 0, n)
+        b = np.maximum(b, np.minimum(a + 1, n))
+        a = np.minimum(a, b - 1).clip(0)
+        return a, b
+
+    x0, x1 = edges(np.asarray(xs, dtype=np.float64), w)
+    y0, y1 = edges(np.asarray(ys, dtype=np.float64), h)
+    inside = sat[y1, x1] - sat[y0, x1] - sat[y1, x0] + sat[y0, x0]
+    area = np.maximum(1, (x1 - x0) * (y1 - y0))
+    return (inside / area).astype(np.float32).clip(0, 1)
