@@ -68,11 +68,11 @@ def _remove_small_holes(m: np.ndarray, size: int) -> np.ndarray:
         return morphology.remove_small_holes(m, area_threshold=size + 1)
 
 
-def colour_exclusions(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def colour_exclusions(rgb: np.ndarray, hsv: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(pen-or-dark, glass-like) boolean masks from the colour rule in the module docstring."""
     from skimage.color import rgb2hsv
 
-    hsv = rgb2hsv(rgb)
+    hsv = rgb2hsv(rgb) if hsv is None else hsv
     h, s, v = hsv[..., 0], hsv[..., 1], hsv[..., 2]
     pen = (h >= PEN_HUE[0]) & (h <= PEN_HUE[1]) & (s >= PEN_MIN_SAT)
     dark = v < DARK_MAX_VALUE
@@ -110,7 +110,7 @@ def detect_tissue(rgb: np.ndarray, mask_mpp: float | None = None) -> tuple[np.nd
     labels, _ = ndimage.label(weak | seeds)
     keep = np.unique(labels[seeds])
     m = np.isin(labels, keep[keep > 0])
-    bad, glass = colour_exclusions(rgb)
+    bad, glass = colour_exclusions(rgb, hsv)
     m &= ~bad & ~glass
     m = morphology.closing(m, morphology.disk(2)).astype(bool)
     if mask_mpp:
