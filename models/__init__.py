@@ -1,0 +1,1 @@
+"""Model presets (JSON) and the model card, installed as ``wsi_haloae.presets``."""
