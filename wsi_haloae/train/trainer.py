@@ -1,0 +1,326 @@
+"""The ``train`` command: HaloAE on normal tiles with Cut&Paste self-supervision and the evolving weighting scheme.
+
+One step sees B originals plus their Cut&Paste "normal" and "scar" versions (3B images). The loss is
+α1·CE(classifier, original=0 / pasted=1) over all 3B images + α2·(MSE + 1 − SSIM)(fm, f̂m) + α3·(MSE + 1 −
+SSIM)(normalised image, reconstruction), the last two on the originals only; (α1, α2, α3) follow the EWS.
+
+Reproducibility: data order and augmentation are functions of (seed, epoch, sample index), the model is built
+under ``torch.manual_seed(seed)``, and at every epoch end a resume file (model, optimizer state, RNG states,
+epoch) is written atomically, so ``--resume`` continues an interrupted run to the same weights.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file, safe_open, save_file
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from .. import __version__
+from ..config import TrainConfig
+from ..errors import BadInputError, OutputError
+from .data import CutPasteDataset, EpochSampler, PlainTiles, TileSet, load_tiles, training_mpp
+from .ews import weights_for
+from .losses import reconstruction_loss
+
+log = logging.getLogger(__name__)
+
+#: Config fields that must match for ``--resume`` (device, workers and max_steps may change between runs).
+RESUME_KEYS = ("preset", "epochs", "samples_per_epoch", "batch_size", "backbone_weights", "seed", "lr", "weight_decay", "jitter")
+RESUME_FORMAT = "wsi-haloae-resume/1"
+
+
+def resolve_device(name: str) -> torch.device:
+    """"auto" → CUDA when available, else CPU; "cuda" without a GPU is a user error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise BadInputError(f"--device {name}: no CUDA device is available here")
+    if name not in ("cpu",) and not name.startswith("cuda"):
+        raise BadInputError(f"--device {name}: expected auto, cpu or cuda")
+    return torch.device(name)
+
+
+def sidecar(out: Path, suffix: str) -> Path:
+    """model.safetensors → model<suffix> (e.g. model.metrics.jsonl, model.resume.safetensors)."""
+    out = Path(out)
+    stem = out.name[: -len(out.suffix)] if out.suffix else out.name
+    return out.with_name(stem + suffix)
+
+
+def _check_out(out: Path) -> None:
+    if out.is_dir():
+        raise OutputError(f"{out}: is a folder; give a file name such as model.safetensors")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        probe = out.parent / f".{out.name}.probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise OutputError(f"{out.parent}: cannot write the model there ({exc.strerror or exc})") from None
+
+
+def _fingerprint(cfg: TrainConfig, tiles: TileSet) -> dict[str, Any]:
+    d = {k: getattr(cfg, k) for k in RESUME_KEYS}
+    d["tiles"] = str(tiles.root.resolve())
+    d["tiles_hash"] = tiles.fingerprint()
+    return d
+
+
+# ----------------------------------------------------------------------------------------------- resume file
+def _write_resume(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, info: dict[str, Any]) -> None:
+    """Model state, Adam state (flattened to tensors), RNG states and progress, in one atomic safetensors file."""
+    tensors: dict[str, torch.Tensor] = {}
+    for k, v in model.state_dict().items():
+        tensors[f"model.{k}"] = v.detach().to("cpu").clone().contiguous()
+    sd = opt.state_dict()
+    for pid, st in sd["state"].items():
+        for k, v in st.items():
+            t = v if torch.is_tensor(v) else torch.tensor(v)
+            tensors[f"opt.{pid}.{k}"] = t.detach().to("cpu").clone().contiguous()
+    tensors["rng.torch"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = s
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in sd["param_groups"]]
+    meta = dict(info, format=RESUME_FORMAT, param_groups=groups, version=__version__)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        save_file(tensors, str(tmp), metadata={"resume": json.dumps(meta)})
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _read_resume(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = json.loads((fh.metadata() or {})["resume"])
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, KeyError, ValueError) as exc:
+        raise BadInputError(f"{path}: not a readable resume file ({exc})") from None
+    if meta.get("format") != RESUME_FORMAT:
+        raise BadInputError(f"{path}: not a wsi-haloae resume file")
+    return tensors, meta
+
+
+def _restore(tensors: dict[str, torch.Tensor], meta: dict[str, Any], model: torch.nn.Module, opt: torch.optim.Optimizer, path: Path) -> None:
+    model_sd = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
+    try:
+        model.load_state_dict(model_sd, strict=True)
+    except RuntimeError as exc:
+        raise BadInputError(f"{path}: does not fit this model ({str(exc).splitlines()[0]})") from None
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for k, v in tensors.items():
+        if k.startswith("opt."):
+            _, pid, name = k.split(".", 2)
+            state.setdefault(int(pid), {})[name] = v
+    cur = opt.state_dict()
+    groups = [dict(g, **saved) for g, saved in zip(cur["param_groups"], meta["param_groups"], strict=True)]
+    opt.load_state_dict({"state": state, "param_groups": groups})
+    torch.set_rng_state(tensors["rng.torch"])
+    if torch.cuda.is_available():
+        cuda = [tensors[f"rng.cuda.{i}"] for i in range(torch.cuda.device_count()) if f"rng.cuda.{i}" in tensors]
+        if cuda:
+            torch.cuda.set_rng_state_all(cuda)
+
+
+# ----------------------------------------------------------------------------------------------- training
+def _train_one_epoch(
+    model: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    loader: DataLoader,
+    sampler: EpochSampler,
+    epoch: int,
+    cfg: TrainConfig,
+    device: torch.device,
+    bar: tqdm,
+    step: int,
+) -> tuple[dict[str, float], int, bool]:
+    """One epoch; returns (mean losses and accuracy, global step, stopped early by max_steps)."""
+    sampler.set_epoch(epoch)
+    steps_per_epoch = len(loader)
+    sums = {"loss": 0.0, "loss_cls": 0.0, "loss_fm": 0.0, "loss_im": 0.0, "cls_acc": 0.0}
+    n = 0
+    alphas = weights_for(epoch, cfg.epochs)
+    cuda = device.type == "cuda"
+    model.train()
+    for i, (orig, normal, scar) in enumerate(loader):
+        if cfg.max_steps is not None and step >= cfg.max_steps:
+            return _means(sums, n, alphas), step, True
+        alphas = weights_for(epoch + i / steps_per_epoch, cfg.epochs)
+        b = orig.shape[0]
+        x = torch.cat([orig, normal, scar]).to(device, non_blocking=True)
+        labels = torch.cat([torch.zeros(b, dtype=torch.long), torch.ones(2 * b, dtype=torch.long)]).to(device)
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cuda):
+            out = model(x)
+        # losses in float32: SSIM's small differences of large sums are not safe in bf16
+        l_cls = F.cross_entropy(out.logits.float(), labels)
+        l_fm = reconstruction_loss(out.fm_hat[:b].float(), out.fm[:b].float())
+        l_im = reconstruction_loss(out.image_hat[:b].float(), model.normalize(x[:b]).float())
+        loss = alphas[0] * l_cls + alphas[1] * l_fm + alphas[2] * l_im
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        acc = (out.logits.argmax(1) == labels).float().mean()
+        vals = {"loss": loss.item(), "loss_cls": l_cls.item(), "loss_fm": l_fm.item(), "loss_im": l_im.item(), "cls_acc": acc.item()}
+        if not all(math.isfinite(v) for v in vals.values()):
+            raise FloatingPointError(f"non-finite loss at epoch {epoch}, step {step}: {vals}")
+        for k, v in vals.items():
+            sums[k] += v
+        n += 1
+        bar.update(1)
+        bar.set_description(f"epoch {epoch + 1}/{cfg.epochs}")
+        bar.set_postfix_str(
+            f"step {step} cls {vals['loss_cls']:.3f} fm {vals['loss_fm']:.3f} im {vals['loss_im']:.3f} "
+            f"α {alphas[0]:.2f}/{alphas[1]:.2f}/{alphas[2]:.2f}",
+            refresh=False,
+        )
+    return _means(sums, n, alphas), step, False
+
+
+def _means(sums: dict[str, float], n: int, alphas: tuple[float, float, float]) -> dict[str, float]:
+    d = {k: (v / n if n else float("nan")) for k, v in sums.items()}
+    d["alpha_cls"], d["alpha_fm"], d["alpha_im"] = alphas
+    return d
+
+
+@torch.no_grad()
+def training_mean_map(model: torch.nn.Module, tiles: TileSet, device: torch.device, batch_size: int, workers: int) -> torch.Tensor:
+    """Mean raw anomaly map (64, 64) of the training tiles in eval mode, float32 — what post-processing subtracts."""
+    model.eval()
+    loader = DataLoader(PlainTiles(tiles), batch_size=batch_size, num_workers=workers, pin_memory=device.type == "cuda")
+    total: torch.Tensor | None = None
+    count = 0
+    for x in tqdm(loader, desc="mean anomaly map", unit="batch", leave=False):
+        a = model.anomaly_map(x.to(device, non_blocking=True)).double().sum(0)
+        total = a if total is None else total + a
+        count += x.shape[0]
+    assert total is not None
+    return (total / count).float().cpu()
+
+
+def _write_metrics(path: Path, keep_before: int | None) -> None:
+    """Start the metrics file afresh, or keep only the epochs before ``keep_before`` (a resumed run)."""
+    lines: list[str] = []
+    if keep_before is not None and path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                if json.loads(line)["epoch"] < keep_before:
+                    lines.append(line)
+            except (ValueError, KeyError, TypeError):
+                continue
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text("".join(line + "\n" for line in lines))
+    os.replace(tmp, path)
+
+
+def run_train(cfg: TrainConfig) -> Path:
+    """Train, then store the model with the training tiles' mean anomaly map; returns the model path."""
+    from ..model import build_model
+    from ..model.checkpoint import save_model
+
+    t0 = time.time()
+    out = Path(cfg.out)
+    device = resolve_device(cfg.device)
+    _check_out(out)
+    resume_path = sidecar(out, ".resume.safetensors")
+    metrics_path = sidecar(out, ".metrics.jsonl")
+    if cfg.resume and not resume_path.is_file():
+        raise BadInputError(f"{resume_path}: no resume file to continue from (run without --resume to start)")
+    tiles = load_tiles(cfg.tiles)
+    fingerprint = _fingerprint(cfg, tiles)
+
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.preset, cfg.backbone_weights, seed=cfg.seed).to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+    start_epoch, step, elapsed_before = 0, 0, 0.0
+    if cfg.resume:
+        tensors, meta = _read_resume(resume_path)
+        diffs = [f"{k}: {meta['config'].get(k)!r} → {v!r}" for k, v in fingerprint.items() if meta["config"].get(k) != v]
+        if diffs:
+            raise BadInputError(f"{resume_path}: written for a different configuration ({'; '.join(diffs)}); use the same options or start without --resume")
+        _restore(tensors, meta, model, opt, resume_path)
+        start_epoch, step, elapsed_before = int(meta["epoch"]), int(meta["step"]), float(meta.get("wall_time_s", 0.0))
+        log.info("resuming %s at epoch %d/%d (step %d)", resume_path, start_epoch + 1, cfg.epochs, step)
+        del tensors
+    elif resume_path.exists():
+        log.warning("%s exists from an earlier run; starting afresh (pass --resume to continue it)", resume_path)
+    _write_metrics(metrics_path, start_epoch if cfg.resume else None)
+
+    dataset = CutPasteDataset(tiles, cfg.samples_per_epoch, cfg.seed, cfg.jitter)
+    sampler = EpochSampler(cfg.samples_per_epoch)
+    loader = DataLoader(
+        dataset,
+        batch_size=cfg.batch_size,
+        sampler=sampler,
+        num_workers=cfg.workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=cfg.workers > 0,
+        prefetch_factor=4 if cfg.workers > 0 else None,
+    )
+    steps_per_epoch = len(loader)
+    total = cfg.epochs * steps_per_epoch
+    if cfg.max_steps is not None:
+        total = min(total, cfg.max_steps)
+    log.info(
+        "training %s on %s: %d tiles, %d epochs × %d samples (%d steps of %d images), device %s",
+        cfg.preset, tiles.root, len(tiles), cfg.epochs, cfg.samples_per_epoch, steps_per_epoch, 3 * cfg.batch_size, device,
+    )
+    epochs_done = start_epoch
+    with tqdm(total=total, initial=min(step, total), unit="step", dynamic_ncols=True) as bar:
+        try:
+            for epoch in range(start_epoch, cfg.epochs):
+                te = time.time()
+                stats, step, stopped = _train_one_epoch(model, opt, loader, sampler, epoch, cfg, device, bar, step)
+                if stopped:
+                    log.warning("stopping at max_steps=%d, inside epoch %d", cfg.max_steps, epoch + 1)
+                    break
+                epochs_done = epoch + 1
+                stats = {"epoch": epoch, "step": step, **stats, "seconds": round(time.time() - te, 3)}
+                with metrics_path.open("a") as fh:
+                    fh.write(json.dumps(stats) + "\n")
+                info = {"epoch": epochs_done, "step": step, "config": fingerprint, "wall_time_s": elapsed_before + time.time() - t0}
+                _write_resume(resume_path, model, opt, info)
+                if cfg.max_steps is not None and step >= cfg.max_steps:
+                    break
+        except KeyboardInterrupt:
+            log.warning("interrupted after %d complete epoch(s); continue with --resume", epochs_done)
+            raise
+
+    mean_map = training_mean_map(model, tiles, device, batch_size=max(8, 3 * cfg.batch_size), workers=cfg.workers)
+    wall = elapsed_before + time.time() - t0
+    metadata = {
+        "preset": cfg.preset,
+        "train": {**{k: v for k, v in asdict(cfg).items() if k not in ("tiles", "out", "resume", "device", "workers")}},
+        "epochs": epochs_done,
+        "steps": step,
+        "seed": cfg.seed,
+        "samples_per_epoch": cfg.samples_per_epoch,
+        "batch_size": cfg.batch_size,
+        "tile_count": len(tiles),
+        "tiles_skipped": tiles.skipped,
+        "data": str(tiles.root.resolve()),
+        "mpp": training_mpp(Path(cfg.tiles)),
+        "version": __version__,
+        "device": str(device),
+        "wall_time_s": round(wall, 1),
+    }
+    save_model(out, model, mean_map, metadata)
+    resume_path.unlink(missing_ok=True)
+    log.info("wrote %s (%d epochs, %d steps, %.0f s)", out, epochs_done, step, wall)
+    return out
