@@ -148,7 +148,7 @@ def demo(out: Path, device: str) -> None:
 @click.option("--model", required=True, type=click.Path(path_type=Path))
 @click.option("--out", required=True, type=click.Path(path_type=Path))
 @click.option("--cluster", default="local", type=click.Choice(["local", "slurm", "pbs", "sge", "lsf"]), show_default=True)
-@click.option("--jobs", default=1, show_default=True, type=click.IntRange(min=1), help="Batch jobs to request (or local workers).")
+@click.option("--jobs", type=click.IntRange(min=1), help="Batch jobs to request, or local workers (default: 1 job; locally one worker per GPU, else per --infer-workers+1 cores).")
 @click.option("--workers-per-job", default=1, show_default=True, type=click.IntRange(min=1))
 @click.option("--gpus-per-job", default=0, show_default=True, type=click.IntRange(min=0))
 @click.option("--cores", type=click.IntRange(min=1), help="Cores per job.")

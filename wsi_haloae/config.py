@@ -170,7 +170,7 @@ class CohortConfig:
     model: Path
     out: Path
     cluster: str = "local"
-    jobs: int = 1
+    jobs: int | None = None  # None: local = one worker per GPU (else per infer_workers+1 cores); batch = 1 job
     workers_per_job: int = 1
     gpus_per_job: int = 0
     cores: int | None = None

@@ -1,0 +1,268 @@
+"""`wsi-haloae cohort`: many slides on a Dask cluster (local, SLURM, PBS, SGE, LSF or an existing scheduler).
+
+Each slide is one task writing DIR/<id>.zarr (and the other outputs infer writes). Slides whose outputs are
+complete are skipped before any cluster starts, so re-running the same command after an interruption only
+does what is missing. A bad slide becomes a 'failed' row and never stops the others; a slide whose worker
+died is retried elsewhere (--retries) and a lost batch job is replaced. The result is DIR/cohort.csv,
+DIR/cohort.json and DIR/index.html.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from ..config import CohortConfig
+from ..errors import BadInputError, BadModelFileError, OutputError
+from .clusters import SLIDE_RESOURCE, job_script, jobqueue_kwargs, local_shape, open_cluster
+from .report import write_reports
+from .slides import SlideEntry, collect_slides
+from .worker import RECORD_DIR, SlideTask, output_paths, process_slide, record_path, slide_stats
+
+__all__ = ["run_cohort", "collect_slides", "SlideEntry", "jobqueue_kwargs", "job_script"]
+
+log = logging.getLogger(__name__)
+REPORT_EVERY_S = 15.0
+
+
+def _eprint(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _blank_row(e: SlideEntry, status: str, error: str = "") -> dict[str, Any]:
+    return {"id": e.id, "path": str(e.path), "status": status, "error": error, "tiles": None,
+            "tissue_fraction": None, "score_mean": None, "score_p95": None, "score_max": None,
+            "anomalous_tiles": None, "seconds": None, "host": None, "worker": None, "model_loads": None}
+
+
+def _state(out: Path, e: SlideEntry, cfg: CohortConfig, sha: str) -> str:
+    """'done' (complete store by this model and every requested output present), 'extras' (complete store,
+    some requested file missing: infer adds just those), 'stale' (another model's result) or 'todo'."""
+    from ..infer.ome_tiff import rgb_path_for
+    from ..infer.writers import is_complete, read_attrs
+
+    paths = output_paths(out, e.id, cfg.tiff, cfg.geojson, cfg.preview)
+    if not is_complete(paths["zarr"]):
+        return "todo"
+    if (read_attrs(paths["zarr"]).get("model") or {}).get("sha256") != sha:
+        return "stale"
+    extras = [p for k, p in paths.items() if k != "zarr" and p is not None]
+    if paths["tiff"] is not None:
+        extras.append(rgb_path_for(paths["tiff"]))
+    return "done" if all(p.exists() for p in extras) else "extras"
+
+
+def _skipped_row(out: Path, e: SlideEntry) -> dict[str, Any]:
+    """A complete slide's row: figures from its store, host and seconds from the run that made it."""
+    import json
+
+    row = _blank_row(e, "skipped")
+    try:
+        old = json.loads(record_path(out, e.id).read_text())
+        row.update({k: old.get(k) for k in ("seconds", "host", "worker")})
+    except (OSError, ValueError):
+        pass  # complete outputs from a plain `infer` run: no record of where it ran
+    try:
+        row.update(slide_stats(output_paths(out, e.id, False, False, False)["zarr"]))
+    except Exception as exc:  # noqa: BLE001 - a figure we cannot read is not a reason to redo the slide
+        log.warning("%s: cannot read figures from its store (%s)", e.id, exc)
+    return row
+
+
+def _plan(entries: list[SlideEntry], out: Path, cfg: CohortConfig,
+          sha: str) -> tuple[dict[str, dict], list[SlideEntry], set[str]]:
+    """Rows known before any cluster starts (skipped, missing), the slides left to run, and those of them whose
+    complete output came from another model (redone with overwrite)."""
+    rows: dict[str, dict] = {}
+    todo: list[SlideEntry] = []
+    redo: set[str] = set()
+    for e in entries:
+        if not e.path.exists():
+            rows[e.id] = _blank_row(e, "failed", f"{e.path}: no such file")
+            continue
+        state = "todo" if cfg.overwrite else _state(out, e, cfg, sha)
+        if state == "done":
+            rows[e.id] = _skipped_row(out, e)
+            continue
+        todo.append(e)
+        if state == "stale" or cfg.overwrite:
+            redo.add(e.id)
+    return rows, todo, redo
+
+
+def _model_sha256(model: Path) -> str:
+    """Load the model once here (CPU) so that a wrong model file fails the command, not every slide."""
+    from ..model.checkpoint import load_model
+
+    if not model.is_file():
+        raise BadModelFileError(f"{model}: no such model file")
+    return load_model(model, device="cpu").sha256
+
+
+def _print_plan(cfg: CohortConfig, entries: list[SlideEntry], rows: dict[str, dict], todo: list[SlideEntry],
+                out: Path) -> None:
+    n_skip = sum(r["status"] == "skipped" for r in rows.values())
+    n_missing = sum(r["status"] == "failed" for r in rows.values())
+    print(f"cohort plan: {len(entries)} slides from {cfg.slides}: {len(todo)} to run, {n_skip} complete (skipped), "
+          f"{n_missing} missing")
+    print(f"outputs: {out}/<id>.zarr" + "".join(
+        f", <id>{s}" for s, on in ((".ome.tiff", cfg.tiff), (".geojson", cfg.geojson), (".png", cfg.preview)) if on)
+        + "; cohort.csv, cohort.json, index.html")
+    for e in todo:
+        print(f"  run   {e.id}\t{e.path}" + (f"\tmpp={e.mpp}" if e.mpp else ""))
+    for r in rows.values():
+        print(f"  {'skip' if r['status'] == 'skipped' else 'miss'}  {r['id']}\t{r['path']}")
+    if cfg.scheduler_address:
+        print(f"cluster: existing Dask scheduler at {cfg.scheduler_address}")
+    elif cfg.cluster == "local":
+        n, threads = local_shape(cfg)
+        print(f"cluster: local, {min(n, max(1, len(todo)))} worker process(es) x {threads} thread(s), device {cfg.device}")
+    else:
+        cls_name, kw = jobqueue_kwargs(cfg)
+        jobs = cfg.jobs or 1
+        print(f"cluster: {cfg.cluster} ({cls_name}), {jobs} job(s) x {cfg.workers_per_job} worker(s); each job: "
+              f"{kw['cores']} cores, {kw['memory']}, walltime {kw['walltime']}"
+              + (f", {cfg.gpus_per_job} GPU(s)" if cfg.gpus_per_job else ""))
+        print("job script (one per job; nothing submitted):")
+        print(job_script(cfg, out / RECORD_DIR / "logs"))
+
+
+def _task(e: SlideEntry, cfg: CohortConfig, out: Path, model: Path, sha: str, threads: int,
+          overwrite: bool) -> SlideTask:
+    return SlideTask(
+        id=e.id, slide=str(e.path), out_dir=str(out), model=str(model), model_sha256=sha,
+        mpp=e.mpp if e.mpp is not None else cfg.mpp, device=cfg.device, threads=threads,
+        batch_size=cfg.batch_size, infer_workers=cfg.infer_workers, pixel_downsample=cfg.pixel_downsample,
+        min_tissue=cfg.min_tissue, tiff=cfg.tiff, geojson=cfg.geojson, preview=cfg.preview,
+        overwrite=overwrite,
+    )
+
+
+def _future_row(fut, e: SlideEntry, retries: int) -> dict[str, Any]:
+    """The row a finished future stands for; a task error here means its workers kept dying."""
+    from distributed import KilledWorker
+
+    from .worker import one_line
+
+    if fut.status == "finished":
+        return fut.result()
+    row = _blank_row(e, "failed")
+    exc = fut.exception() if fut.status == "error" else None
+    if isinstance(exc, KilledWorker):
+        row["error"] = (f"its worker died {retries + 1} time(s) while running this slide "
+                        "(out of memory, walltime or a crash; see the worker logs)")
+    elif exc is not None:
+        row["error"] = one_line(exc)
+    else:
+        row["error"] = f"task {fut.status}"
+    return row
+
+
+def _run_tasks(cfg: CohortConfig, todo: list[SlideEntry], redo: set[str], rows: dict[str, dict], out: Path,
+               model: Path, sha: str, total: int, write) -> None:
+    """Submit the slides, follow them with a progress bar, and keep batch jobs coming back."""
+    from distributed import wait
+    from tqdm import tqdm
+
+    with open_cluster(cfg, out / RECORD_DIR / "logs", len(todo)) as cl:
+        _eprint(f"cohort: {cl.description}")
+        _eprint(f"cohort: {cl.dashboard()}")
+        run = uuid.uuid4().hex[:8]
+        futures = {}
+        for e in todo:
+            t = _task(e, cfg, out, model, sha, cl.threads, e.id in redo)
+            f = cl.client.submit(process_slide, t, key=f"slide-{e.id}-{run}", pure=False,
+                                 resources={SLIDE_RESOURCE: 1} if cl.use_resources else None)
+            futures[f] = e
+        bar = tqdm(total=total, initial=total - len(todo), unit="slide", desc="slides", file=sys.stderr,
+                   dynamic_ncols=True, smoothing=0.1)
+        pending = set(futures)
+        last_write = time.monotonic()
+        no_worker_since: float | None = None
+        try:
+            while pending:
+                try:
+                    done, pending = wait(pending, timeout=2, return_when="FIRST_COMPLETED")
+                except TimeoutError:
+                    done = set()
+                for f in done:
+                    e = futures[f]
+                    row = _future_row(f, e, cfg.retries)
+                    rows[e.id] = row
+                    if row["status"] == "failed":
+                        bar.write(f"cohort: {e.id} failed: {row['error']}")
+                    bar.update(1)
+                if cl.keeper is not None:
+                    cl.keeper.check()
+                now = time.monotonic()
+                if pending and cl.n_workers() == 0:
+                    no_worker_since = no_worker_since or now
+                    if now - no_worker_since > 60:
+                        bar.write(f"cohort: still waiting for workers (see {out / RECORD_DIR / 'logs'})")
+                        no_worker_since = now
+                else:
+                    no_worker_since = None
+                if now - last_write > REPORT_EVERY_S:
+                    write()
+                    last_write = now
+        finally:
+            bar.close()
+            for f in pending:
+                e = futures[f]
+                rows.setdefault(e.id, _blank_row(e, "failed", "not run: the cohort was interrupted"))
+
+
+def run_cohort(cfg: CohortConfig) -> int:
+    """Run a cohort; returns 0 when every slide is done or skipped, 1 when any failed."""
+    if cfg.cluster not in ("local", "slurm", "pbs", "sge", "lsf"):
+        raise BadInputError(f"--cluster {cfg.cluster!r}: use local, slurm, pbs, sge or lsf")
+    if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
+        import distributed  # noqa: F401 - it configures its loggers on import; quieten them after that
+
+        # Dask's INFO chatter (connections, nannies) would bury the progress bar; -vv shows it
+        for name in ("distributed", "dask_jobqueue"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+    entries = collect_slides(cfg.slides)
+    out = Path(cfg.out).expanduser().resolve()
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"{out}: exists and is not a folder")
+    model = Path(cfg.model).expanduser().resolve()
+    sha = _model_sha256(model)
+    rows, todo, redo = _plan(entries, out, cfg, sha)
+    if cfg.dry_run:
+        _print_plan(cfg, entries, rows, todo, out)
+        return 0
+    try:
+        (out / RECORD_DIR / "logs").mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"{out}: cannot create the output folder ({exc.strerror})") from None
+
+    t0 = time.time()
+    meta: dict[str, Any] = {"slides": cfg.slides, "model": str(model), "model_sha256": sha, "out": str(out),
+                            "cluster": "external" if cfg.scheduler_address else cfg.cluster,
+                            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(t0))}
+
+    def write() -> None:
+        ordered = [rows[e.id] if e.id in rows else _blank_row(e, "pending") for e in entries]
+        meta["seconds"] = round(time.time() - t0, 2)
+        write_reports(out, ordered, meta)
+
+    _eprint(f"cohort: {len(entries)} slides, {len(todo)} to run, {len(entries) - len(todo)} already decided "
+            f"(skipped or missing)")
+    try:
+        if todo:
+            _run_tasks(cfg, todo, redo, rows, out, model, sha, len(entries), write)
+    finally:
+        write()
+    counts = {s: sum(r["status"] == s for r in rows.values()) for s in ("done", "skipped", "failed")}
+    line = (f"cohort: {counts['done']} done, {counts['skipped']} skipped, {counts['failed']} failed of "
+            f"{len(entries)} slides in {time.time() - t0:.1f}s; table {out / 'cohort.csv'}, page {out / 'index.html'}")
+    _eprint(line)
+    if counts["failed"]:
+        _eprint(f"cohort: {counts['failed']} of {len(entries)} slides failed (see the error column of {out / 'cohort.csv'})")
+        return 1
+    return 0

@@ -1,0 +1,202 @@
+"""What runs on a Dask worker: one slide per task, with the model loaded once per worker process.
+
+The model is cached per process (keyed by the model file's sha256 and the device), so a worker keeps it on
+its GPU from one slide to the next. Every failure inside a slide becomes a 'failed' row with a one-line
+error: a bad slide never raises into Dask, so Dask's own retries are left for workers that die.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+import re
+import socket
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+RECORD_DIR = ".cohort"  # DIR/.cohort/<id>.json: the row of a finished slide, reused when it is skipped later
+
+
+@dataclass(frozen=True)
+class SlideTask:
+    """Everything a worker needs for one slide (plain data: it travels to the worker pickled)."""
+
+    id: str
+    slide: str
+    out_dir: str
+    model: str
+    model_sha256: str
+    mpp: float | None
+    device: str
+    threads: int
+    batch_size: int
+    infer_workers: int
+    pixel_downsample: int
+    min_tissue: float
+    tiff: bool
+    geojson: bool
+    preview: bool
+    overwrite: bool = False
+
+
+def output_paths(out_dir: Path, sid: str, tiff: bool, geojson: bool, preview: bool) -> dict[str, Path | None]:
+    """The files one slide produces in the cohort folder."""
+    return {
+        "zarr": out_dir / f"{sid}.zarr",
+        "tiff": out_dir / f"{sid}.ome.tiff" if tiff else None,
+        "geojson": out_dir / f"{sid}.geojson" if geojson else None,
+        "preview": out_dir / f"{sid}.png" if preview else None,
+    }
+
+
+def record_path(out_dir: Path, sid: str) -> Path:
+    return out_dir / RECORD_DIR / f"{sid}.json"
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception as one line: user errors by message, anything else with its type."""
+    from ..errors import UserError
+
+    msg = " ".join(str(exc).split()) or type(exc).__name__
+    return msg if isinstance(exc, UserError) else f"{type(exc).__name__}: {msg}"
+
+
+# ---------------------------------------------------------------------------------------------- model cache
+_LOCK = threading.Lock()
+_CACHE: dict[tuple[str, str], Any] = {}
+_LOADS = 0
+
+
+def _worker_name() -> str:
+    try:
+        from distributed import get_worker
+
+        return str(get_worker().name)
+    except Exception:
+        return str(os.getpid())
+
+
+def worker_device(requested: str) -> str:
+    """'cpu', or one GPU per worker: the worker name's trailing number (LocalCluster 0,1,..; jobqueue
+    job-0, job-1) picks among the GPUs this process sees (the job's GPUs under SLURM --gres)."""
+    import torch
+
+    if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
+        return "cpu"
+    if requested not in ("auto", "cuda"):
+        return requested  # an explicit cuda:N
+    if not torch.cuda.is_available():
+        return "cuda"  # let the engine report that CUDA is missing
+    m = re.search(r"(\d+)$", _worker_name())
+    idx = int(m.group(1)) if m else 0
+    return f"cuda:{idx % torch.cuda.device_count()}"
+
+
+def cached_model(path: str, sha256: str, device: str):
+    """The LoadedModel for (model sha256, device) in this process; loads it on first use only."""
+    global _LOADS
+    from ..errors import BadModelFileError
+    from ..model.checkpoint import load_model
+
+    key = (sha256, device)
+    with _LOCK:
+        loaded = _CACHE.get(key)
+        if loaded is None:
+            _CACHE.clear()  # one model per worker: a new cohort with another model replaces the old one
+            loaded = load_model(Path(path), device=device)
+            if loaded.sha256 != sha256:
+                raise BadModelFileError(f"{path}: model file changed while the cohort was running")
+            _CACHE[key] = loaded
+            _LOADS += 1
+        return loaded
+
+
+def model_loads() -> int:
+    """How many times this process loaded a model (1 per worker when the cache works)."""
+    return _LOADS
+
+
+# ------------------------------------------------------------------------------------------------ the task
+def slide_stats(out_zarr: Path) -> dict[str, Any]:
+    """Cohort figures of a finished store: tiles, tissue fraction, and mean/p95/max of the tile score.
+
+    The tile score is the tile's mean anomaly (the per-tile value infer thresholds and exports); the tissue
+    fraction is the tissue mask's share of the slide; anomalous tiles are those above the slide's threshold.
+    """
+    import numpy as np
+
+    from ..infer.writers import open_store, read_attrs
+
+    attrs = read_attrs(out_zarr)
+    g = open_store(out_zarr)
+    scores = np.asarray(g["tiles/score_mean"][:], dtype=np.float64)
+    scores = scores[np.isfinite(scores)]
+    mask = g["mask"][:]
+    thr = (attrs.get("threshold") or {}).get("value")
+    has = scores.size > 0
+    return {
+        "tiles": int(attrs.get("tiles", {}).get("tissue", scores.size)),
+        "tissue_fraction": round(float(mask.mean()), 4) if mask.size else None,
+        "score_mean": float(scores.mean()) if has else None,
+        "score_p95": float(np.quantile(scores, 0.95)) if has else None,
+        "score_max": float(scores.max()) if has else None,
+        "anomalous_tiles": int((scores > thr).sum()) if has and thr is not None else None,
+    }
+
+
+def _write_record(path: Path, row: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(row, indent=1))
+    os.replace(tmp, path)
+
+
+def process_slide(task: SlideTask) -> dict[str, Any]:
+    """Run inference on one slide; always returns the slide's cohort row (status done or failed)."""
+    t0 = time.perf_counter()
+    row: dict[str, Any] = {
+        "id": task.id, "path": task.slide, "status": "failed", "error": "",
+        "tiles": None, "tissue_fraction": None, "score_mean": None, "score_p95": None, "score_max": None,
+        "anomalous_tiles": None, "seconds": None, "host": socket.gethostname(), "worker": _worker_name(), "model_loads": None,
+    }
+    try:
+        import torch
+
+        from ..config import InferConfig
+        from ..infer.engine import run_infer
+
+        torch.set_num_threads(max(1, task.threads))  # Dask sets OMP_NUM_THREADS=1 in its workers
+        device = worker_device(task.device)
+        loaded = cached_model(task.model, task.model_sha256, device)
+        paths = output_paths(Path(task.out_dir), task.id, task.tiff, task.geojson, task.preview)
+        cfg = InferConfig(
+            slide=Path(task.slide), model=Path(task.model), out=paths["zarr"], tiff=paths["tiff"],
+            geojson=paths["geojson"], preview=paths["preview"], mpp=task.mpp, batch_size=task.batch_size,
+            workers=task.infer_workers, device=device, pixel_downsample=task.pixel_downsample,
+            min_tissue=task.min_tissue, overwrite=task.overwrite, progress=False,
+        )
+        with contextlib.redirect_stderr(io.StringIO()) as said:
+            run_infer(cfg, loaded=loaded)  # its one-line summary goes to the worker log, not the cohort's bar
+        log.info("%s", said.getvalue().strip())
+        row.update(slide_stats(paths["zarr"]))
+        row["status"] = "done"
+    except Exception as exc:  # noqa: BLE001 - every failure is this slide's, recorded, never raised
+        row["error"] = one_line(exc)
+        from ..errors import UserError
+
+        if not isinstance(exc, UserError):
+            log.error("slide %s failed:\n%s", task.id, traceback.format_exc())
+    row["seconds"] = round(time.perf_counter() - t0, 2)
+    row["model_loads"] = model_loads()
+    if row["status"] == "done":
+        _write_record(record_path(Path(task.out_dir), task.id), row)
+    return row
