@@ -109,7 +109,7 @@ def build_grid(
     n_cols = int(math.floor((bw - t0) / s0 + 1e-9)) + 1 if bw >= t0 - 1e-6 else 0
     n_rows = int(math.floor((bh - t0) / s0 + 1e-9)) + 1 if bh >= t0 - 1e-6 else 0
 
-    tm = tissue_mask(reader, t0)
+    tm = tissue_mask(reader, t0, level0_mpp=reader.mpp or target)  # no slide mpp: level 0 is at the target
     rr, cc = np.meshgrid(np.arange(n_rows, dtype=np.int32), np.arange(n_cols, dtype=np.int32), indexing="ij")
     rr, cc = rr.ravel(), cc.ravel()
     xs = bx + np.round(cc * s0).astype(np.int64)

@@ -122,11 +122,15 @@ def detect_tissue(rgb: np.ndarray, mask_mpp: float | None = None) -> tuple[np.nd
     return m, t / 255.0
 
 
-def mask_downsample(reader: SlideReader, level0_tile: float | None = None) -> float:
-    """Level-0 px per mask px: ≈ 8 µm/px, ≥ 8 mask px per tile side, long side within [512, 4096]."""
+def mask_downsample(reader: SlideReader, level0_tile: float | None = None, level0_mpp: float | None = None) -> float:
+    """Level-0 px per mask px: ≈ 8 µm/px, ≥ 8 mask px per tile side, long side within [512, 4096].
+
+    ``level0_mpp`` stands in for a slide that does not record its mpp (the user's ``--mpp``).
+    """
     W, H = reader.dimensions
     long = max(W, H)
-    ds = MASK_MPP / reader.mpp if reader.mpp else long / 2048
+    mpp = reader.mpp or level0_mpp
+    ds = MASK_MPP / mpp if mpp else long / 2048
     if level0_tile:
         ds = min(ds, level0_tile / 8)
     ds = min(ds, long / MIN_MASK_SIDE)  # at least MIN_MASK_SIDE on the long side ...
@@ -134,11 +138,12 @@ def mask_downsample(reader: SlideReader, level0_tile: float | None = None) -> fl
     return float(ds)
 
 
-def tissue_mask(reader: SlideReader, level0_tile: float | None = None) -> TissueMask:
+def tissue_mask(reader: SlideReader, level0_tile: float | None = None, level0_mpp: float | None = None) -> TissueMask:
     """Read the slide at low resolution and detect tissue on it."""
-    ds = mask_downsample(reader, level0_tile)
+    ds = mask_downsample(reader, level0_tile, level0_mpp)
     img = reader.read_lowres(ds)
-    m, t = detect_tissue(img, reader.mpp * ds if reader.mpp else None)
+    mpp = reader.mpp or level0_mpp
+    m, t = detect_tissue(img, mpp * ds if mpp else None)
     return TissueMask(m, ds, t, img)
 
 
