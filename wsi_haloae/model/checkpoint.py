@@ -156,7 +156,7 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> L
             if missing or extra:
                 what = f"lacks tensor {missing[0]!r}" if missing else f"has unexpected tensor {extra[0]!r}"
                 raise BadModelFileError(
-                    f"model file {path}: {what} ({len(missing)} missing, {len(extra)} unexpected) for its config {cfg.name!r}"
+                    f"model file {path}: tensors do not fit its config {cfg.name!r}: {what} ({len(missing)} missing, {len(extra)} unexpected)"
                 )
             state = {}
             for k, ref in expected.items():
