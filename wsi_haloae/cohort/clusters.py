@@ -276,6 +276,9 @@ class JobKeeper:
                         await job.close()  # cancels the batch job if it somehow still runs
 
         cluster.sync(drop)
+        # fresh job names: SpecCluster would reuse the freed one, which the scheduler may still remember
+        if hasattr(cluster, "_i"):
+            cluster._i = max(cluster._i, self.jobs + self.replaced)
         for name in names:
             self.seen.discard(name)
             self.gone_since.pop(name, None)
