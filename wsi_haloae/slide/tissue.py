@@ -30,7 +30,7 @@ from .reader import SlideReader
 #: Resolution we aim at for the mask (≈ 1.25x objective), in µm per mask pixel.
 MASK_MPP = 8.0
 MIN_MASK_SIDE = 512
-MAX_MASK_SIDE = 4096
+MAX_MASK_SIDE = 2048  # bounds time (~1-2 s) and memory (~100 MB) of the detection on any slide
 #: Objects (and holes) smaller than this many µm² are dropped (filled); 0.01 mm² ≈ a 100 µm square.
 MIN_OBJECT_UM2 = 10_000.0
 
@@ -68,11 +68,16 @@ def _remove_small_holes(m: np.ndarray, size: int) -> np.ndarray:
         return morphology.remove_small_holes(m, area_threshold=size + 1)
 
 
+def _hsv(rgb: np.ndarray) -> np.ndarray:
+    """HSV in [0, 1] as float32 via Pillow's C conversion (~10x faster than skimage's float64 one)."""
+    from PIL import Image
+
+    return np.asarray(Image.fromarray(np.ascontiguousarray(rgb, dtype=np.uint8), "RGB").convert("HSV"), dtype=np.float32) / 255.0
+
+
 def colour_exclusions(rgb: np.ndarray, hsv: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(pen-or-dark, glass-like) boolean masks from the colour rule in the module docstring."""
-    from skimage.color import rgb2hsv
-
-    hsv = rgb2hsv(rgb) if hsv is None else hsv
+    hsv = _hsv(rgb) if hsv is None else hsv
     h, s, v = hsv[..., 0], hsv[..., 1], hsv[..., 2]
     pen = (h >= PEN_HUE[0]) & (h <= PEN_HUE[1]) & (s >= PEN_MIN_SAT)
     dark = v < DARK_MAX_VALUE
@@ -88,11 +93,9 @@ def detect_tissue(rgb: np.ndarray, mask_mpp: float | None = None) -> tuple[np.nd
     """
     from scipy import ndimage
     from skimage import filters, morphology
-    from skimage.color import rgb2hsv
-
-    hsv = rgb2hsv(rgb)
-    sat = ndimage.median_filter((hsv[..., 1] * 255).astype(np.uint8), size=5)  # denoise JPEG speckle
-    val = ndimage.median_filter((hsv[..., 2] * 255).astype(np.uint8), size=5)
+    hsv = _hsv(rgb)
+    sat = ndimage.median_filter(np.round(hsv[..., 1] * 255).astype(np.uint8), size=5)  # denoise JPEG speckle
+    val = ndimage.median_filter(np.round(hsv[..., 2] * 255).astype(np.uint8), size=3)
     if sat.max() == sat.min():
         t = 255.0
     else:
