@@ -188,3 +188,16 @@ def test_ndpi_name_with_space_and_brackets(tmp_path):
     assert res.exit_code == 0, res.output
     names = _images(out)
     assert len(names) == 2 and all(n.startswith("test3-TRITC 2 (560)_") for n in names)
+
+
+@pytest.mark.shared
+def test_flat_tiff_kidney_via_pillow(tmp_path):
+    """A plain strip TIFF OpenSlide refuses: read whole (it is small); its one tissue fragment is found."""
+    p = shared_path("histolab-fixtures", "tests", "fixtures", "tiff-images", "kidney-48-5.tif")
+    out = tmp_path / "out"
+    res = _cli(p, "--out", out, "--mpp", "8", "--tile-size", "32")
+    assert res.exit_code == 0, res.output
+    rows = _manifest(out)
+    assert 1 <= len(rows) <= 10
+    for r in rows:  # the fragment sits around level-0 (290-400, 500-570)
+        assert 250 <= int(r["x"]) <= 420 and 470 <= int(r["y"]) <= 600

@@ -177,6 +177,9 @@ def run_tiles(cfg: TilesConfig, progress: bool = True) -> TilesSummary:
     reader: SlideReader = open_slide(slide)  # BadSlideError for anything unopenable, before any output
     grid = build_grid(reader, cfg.mpp, cfg.tile_size, cfg.stride, cfg.min_tissue, cfg.annotations, cfg.class_name)
     n_kept_grid = len(grid)
+    if n_kept_grid == 0:
+        log.warning("%s: none of the %d grid tiles has ≥ %.2f tissue%s; see the thumbnail, or lower --min-tissue",
+                    slide, grid.n_grid, cfg.min_tissue, " inside the annotations" if cfg.annotations else "")
     if cfg.max_tiles is not None and len(grid) > cfg.max_tiles:
         rng = np.random.default_rng(cfg.seed)
         grid = grid.subset(np.sort(rng.choice(len(grid), size=cfg.max_tiles, replace=False)))
