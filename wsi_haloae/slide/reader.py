@@ -348,6 +348,9 @@ class SlideReader:
 
 
 _CACHE: dict[tuple[int, str], SlideReader] = {}
+#: Readers kept open per process; a long-lived cohort worker visiting many slides closes the oldest
+#: (a closed reader still works: it reopens its handle on the next read).
+CACHE_SIZE = 8
 
 
 def open_slide(path: str | os.PathLike) -> SlideReader:
@@ -357,11 +360,14 @@ def open_slide(path: str | os.PathLike) -> SlideReader:
     (the inherited entry is ignored, not closed: it belongs to the parent).
     """
     key = (os.getpid(), str(Path(path).resolve()))
-    r = _CACHE.get(key)
+    r = _CACHE.pop(key, None)
     if r is None:
         for k in [k for k in _CACHE if k[0] != key[0]]:
             del _CACHE[k]  # inherited from a parent process: forget without closing
-        r = _CACHE[key] = SlideReader(path)
+        r = SlideReader(path)
+        while len(_CACHE) >= CACHE_SIZE:
+            _CACHE.pop(next(iter(_CACHE))).close()
+    _CACHE[key] = r  # (re)inserted last: the dict order is least- to most-recently used
     return r
 
 
