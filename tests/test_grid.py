@@ -133,3 +133,22 @@ def test_cmu_grid_against_independent_thumbnail_mask():
     assert (frac[kept] > 0.3).all()  # every kept tile is mostly tissue
     assert kept[frac > 0.7].all()  # every clearly-tissue tile is kept
     assert ((frac > 0.5) == kept).mean() > 0.9
+
+
+def test_bounds_offset_grid_and_annotations(synthetic_slide, tmp_path):
+    """A slide with an openslide.bounds-* region (MIRAX-like): the grid starts at the bounds, and QuPath
+    annotation pixels (relative to the bounds) are shifted onto level 0."""
+    r = SlideReader(synthetic_slide)
+    r.properties.update({"openslide.bounds-x": "100", "openslide.bounds-y": "60",
+                         "openslide.bounds-width": "1800", "openslide.bounds-height": "1900"})
+    r.bounds = r._bounds()
+    assert r.bounds == (100, 60, 1800, 1900)
+    g = build_grid(r, 0.5, min_tissue=0.0)
+    assert g.origin == (100, 60) and (g.n_rows, g.n_cols) == (7, 7)
+    assert g.xs.min() == 100 and g.ys.min() == 60 and ((g.xs - 100) % 256 == 0).all()
+    p = tmp_path / "a.geojson"
+    p.write_text(json.dumps([_feature([_square(0, 0, 512, 512)])]))
+    g = build_grid(r, 0.5, min_tissue=0.0, annotations=p)
+    assert sorted(zip(g.xs.tolist(), g.ys.tolist())) == [(100, 60), (100, 316), (356, 60), (356, 316)]
+    r.properties["openslide.bounds-width"] = "99999"  # inconsistent bounds are ignored
+    assert r._bounds() == (0, 0, 2048, 2048)

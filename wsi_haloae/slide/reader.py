@@ -195,14 +195,22 @@ class SlideReader:
         my = _valid_mpp(self.properties.get("openslide.mpp-y"))
         #: level-0 microns per pixel (mean of x and y), None when the file does not say
         self.mpp: float | None = (mx + my) / 2 if mx and my else (mx or my)
-        w, h = self.dimensions
-        bx = int(self.properties.get("openslide.bounds-x", 0) or 0)
-        by = int(self.properties.get("openslide.bounds-y", 0) or 0)
-        bw = int(self.properties.get("openslide.bounds-width", w - bx) or (w - bx))
-        bh = int(self.properties.get("openslide.bounds-height", h - by) or (h - by))
         #: (x, y, w, h) of the non-empty region in level-0 px
-        self.bounds: tuple[int, int, int, int] = (bx, by, bw, bh)
+        self.bounds: tuple[int, int, int, int] = self._bounds()
         self.vendor = self.properties.get("openslide.vendor", "flat-image" if self.is_flat else "unknown")
+
+    def _bounds(self) -> tuple[int, int, int, int]:
+        w, h = self.dimensions
+        try:
+            bx = int(self.properties.get("openslide.bounds-x", 0))
+            by = int(self.properties.get("openslide.bounds-y", 0))
+            bw = int(self.properties.get("openslide.bounds-width", w - bx))
+            bh = int(self.properties.get("openslide.bounds-height", h - by))
+        except ValueError:
+            return (0, 0, w, h)
+        if not (0 <= bx < w and 0 <= by < h and 0 < bw <= w - bx and 0 < bh <= h - by):
+            return (0, 0, w, h)
+        return (bx, by, bw, bh)
 
     # -- opening ---------------------------------------------------------------------------------------------
     def _open(self) -> None:
