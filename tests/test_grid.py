@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from tests.conftest import shared_path
+from conftest import shared_path
 from wsi_haloae.errors import BadInputError, BadSlideError
 from wsi_haloae.slide.annotations import load_annotations
 from wsi_haloae.slide.grid import build_grid, resolve_mpp

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import shared_path
+from conftest import shared_path
 from wsi_haloae.errors import BadSlideError
 from wsi_haloae.slide import reader as reader_mod
 from wsi_haloae.slide.reader import SlideReader, TileReadError, open_slide

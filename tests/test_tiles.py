@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from tests.conftest import shared_path
+from conftest import shared_path
 from wsi_haloae.cli import main
 from wsi_haloae.config import TilesConfig
 from wsi_haloae.slide import tiles as tiles_mod

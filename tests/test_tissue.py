@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from tests.conftest import shared_path
+from conftest import shared_path
 from wsi_haloae.slide.reader import SlideReader
 from wsi_haloae.slide.synthetic import GLASS, SyntheticSlideSpec, _inside, _texture
 from wsi_haloae.slide.tissue import colour_exclusions, detect_tissue, mask_downsample, tile_fractions, tissue_mask
