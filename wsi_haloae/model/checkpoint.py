@@ -121,7 +121,10 @@ def read_header(path: str | os.PathLike) -> dict[str, str]:
             f"model file {path}: format version {version} is newer than this wsi-haloae ({__version__}) reads ({FORMAT_VERSION}); upgrade"
         )
     # every tensor must lie inside the file: catches truncation before any tensor is read
-    end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)), default=0)
+    try:
+        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    except (KeyError, TypeError, ValueError, IndexError):
+        raise BadModelFileError(f"model file {path}: not a safetensors file (malformed header)") from None
     if 8 + n + end > size:
         raise BadModelFileError(f"model file {path}: truncated ({size} bytes, the header promises {8 + n + end})")
     return meta
