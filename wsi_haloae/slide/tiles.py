@@ -197,33 +197,36 @@ def run_tiles(cfg: TilesConfig, progress: bool = True) -> TilesSummary:
     errors: list[str] = []
     written = 0
     t_write = time.perf_counter()
-    bar = tqdm(total=len(todo), desc=f"tiles {stem}", unit="tile", file=sys.stderr, disable=not progress or not todo)
     chunks = [todo[i:i + CHUNK] for i in range(0, len(todo), CHUNK)]
-    try:
-        if cfg.workers == 1 or len(chunks) <= 1:
+
+    def new_bar():
+        return tqdm(total=len(todo), desc=f"tiles {stem}", unit="tile", file=sys.stderr, disable=not progress or not todo)
+
+    if cfg.workers == 1 or len(chunks) <= 1:
+        with new_bar() as bar:
             for ch in chunks:
                 w, e = _write_chunk(slide_arg, mpp, grid.tile_size, fmt, ch)
                 written += w
                 errors += e
                 bar.update(len(ch))
-        else:
-            import multiprocessing as mp
+    else:
+        import multiprocessing as mp
 
-            ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else None
-            with ProcessPoolExecutor(max_workers=min(cfg.workers, len(chunks)), mp_context=ctx) as pool:
-                futs = {pool.submit(_write_chunk, slide_arg, mpp, grid.tile_size, fmt, ch): len(ch) for ch in chunks}
-                try:
+        # fork (as DataLoader does): workers start at once, each opens its own handle via open_slide
+        ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else None
+        with ProcessPoolExecutor(max_workers=min(cfg.workers, len(chunks)), mp_context=ctx) as pool:
+            futs = {pool.submit(_write_chunk, slide_arg, mpp, grid.tile_size, fmt, ch): len(ch) for ch in chunks}
+            try:
+                with new_bar() as bar:  # after the fork: tqdm's monitor thread must not be forked
                     for fut in as_completed(futs):
                         w, e = fut.result()
                         written += w
                         errors += e
                         bar.update(futs[fut])
-                except BaseException:
-                    for f in futs:
-                        f.cancel()
-                    raise
-    finally:
-        bar.close()
+            except BaseException:
+                for f in futs:
+                    f.cancel()
+                raise
 
     write_seconds = time.perf_counter() - t_write
     if errors:
