@@ -86,7 +86,7 @@ def resize_rgb(arr: np.ndarray, size: int = TILE_SIZE) -> np.ndarray:
 
 def to_tensor(arr: np.ndarray) -> torch.Tensor:
     """uint8 (H, W, 3) → float (3, H, W) in [0, 1], what the model takes."""
-    return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).float().div_(255.0)
+    return torch.from_numpy(np.array(arr, dtype=np.uint8, copy=True)).permute(2, 0, 1).float().div_(255.0)
 
 
 @dataclass

@@ -1,0 +1,204 @@
+"""Training: resume equivalence, outputs beside the model, and every bad input as a one-line user error."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+from safetensors.torch import load_file
+from skimage.data import immunohistochemistry
+
+from wsi_haloae.cli import main
+from wsi_haloae.config import TrainConfig
+from wsi_haloae.errors import BadInputError, BadTilesError, OutputError
+from wsi_haloae.train import trainer
+
+
+def write_tiles(folder: Path, n: int = 8, size: int = 256) -> Path:
+    """n real IHC crops (skimage's immunohistochemistry image), some at another size to exercise resizing."""
+    folder.mkdir(parents=True, exist_ok=True)
+    im = immunohistochemistry()
+    for i in range(n):
+        y, x = (i // 4) * 200, (i % 4) * 80
+        crop = im[y : y + size, x : x + size]
+        Image.fromarray(crop).save(folder / f"t{i}.png")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiles(tmp_path_factory) -> Path:
+    folder = write_tiles(tmp_path_factory.mktemp("tiles") / "normal")
+    # the manifest `wsi-haloae tiles` writes: the model records the training mpp from it
+    (folder / "tiles.csv").write_text("slide,file,mpp\n" + "".join(f"s.svs,t{i}.png,0.5\n" for i in range(8)))
+    return folder
+
+
+def _cfg(tiles: Path, out: Path, **kw) -> TrainConfig:
+    base = dict(preset="tiny", epochs=2, samples_per_epoch=1, batch_size=1, backbone_weights="random", workers=0, seed=3, device="cpu")
+    base.update(kw)
+    return TrainConfig(tiles=tiles, out=out, **base)
+
+
+def _tensors(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path))
+
+
+@pytest.fixture(scope="module")
+def trained(tiles, tmp_path_factory) -> Path:
+    """One uninterrupted tiny run (2 epochs of 1 step) shared by the tests below."""
+    out = tmp_path_factory.mktemp("full") / "model.safetensors"
+    assert trainer.run_train(_cfg(tiles, out)) == out
+    return out
+
+
+def test_resume_continues_to_the_same_weights(tiles, trained, tmp_path, monkeypatch):
+    full = trained
+    metrics_full = [json.loads(x) for x in full.with_name("model.metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in metrics_full] == [0, 1]
+    assert not full.with_name("model.resume.safetensors").exists()  # removed once the model is written
+
+    # the same run, interrupted after its first epoch
+    part = tmp_path / "part" / "model.safetensors"
+    real = trainer._train_one_epoch
+
+    def interrupt(*args, **kw):
+        if args[4] == 1:  # epoch
+            raise KeyboardInterrupt
+        return real(*args, **kw)
+
+    monkeypatch.setattr(trainer, "_train_one_epoch", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.run_train(_cfg(tiles, part))
+    monkeypatch.setattr(trainer, "_train_one_epoch", real)
+    resume = part.with_name("model.resume.safetensors")
+    assert resume.is_file() and not part.exists()
+    after_first = {k[6:]: v for k, v in _tensors(resume).items() if k.startswith("model.")}
+
+    # a different configuration may not continue it
+    with pytest.raises(BadInputError, match="different configuration"):
+        trainer.run_train(_cfg(tiles, part, resume=True, epochs=3))
+    with pytest.raises(BadInputError, match="different configuration"):
+        trainer.run_train(_cfg(tiles, part, resume=True, seed=4))
+
+    # continuing it (with a worker process this time: samples do not depend on the worker count)
+    trainer.run_train(_cfg(tiles, part, resume=True, workers=1))
+    a, b = _tensors(full), _tensors(part)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], rtol=0, atol=0), k
+    # equality is not an artefact of nothing changing: the second epoch did move the trainable weights
+    moved = [k for k, v in after_first.items() if "features" not in k and v.is_floating_point() and not torch.equal(v, a["model." + k])]
+    assert len(moved) > 10
+    metrics_part = [json.loads(x) for x in part.with_name("model.metrics.jsonl").read_text().splitlines()]
+    assert [m["loss"] for m in metrics_part] == [m["loss"] for m in metrics_full]
+
+
+def test_model_metadata(tiles, trained):
+    from wsi_haloae.model import load_model
+    from wsi_haloae.train.data import load_tiles, stack_tiles
+
+    loaded = load_model(trained)
+    md = loaded.metadata
+    assert md["mpp"] == 0.5 and md["tile_count"] == 8 and md["epochs"] == 2 and md["steps"] == 2
+    assert md["seed"] == 3 and md["preset"] == "tiny" and md["samples_per_epoch"] == 1 and md["batch_size"] == 1
+    assert md["data"] == str(tiles.resolve()) and md["wall_time_s"] > 0
+    assert loaded.model.backbone_info["source"] == "random"
+    assert loaded.mean_map.shape == (64, 64) and torch.isfinite(loaded.mean_map).all() and loaded.mean_map.min() >= 0
+    # the mean map is the training tiles' mean raw map, in eval mode
+    ts = load_tiles(tiles, progress=False)
+    with torch.no_grad():
+        ref = loaded.model.anomaly_map(stack_tiles([ts.get(i) for i in range(len(ts))])).mean(0)
+    assert torch.allclose(ref, loaded.mean_map, rtol=1e-4, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------- bad inputs
+def test_missing_and_empty_folders(tmp_path):
+    with pytest.raises(BadTilesError, match="does not exist"):
+        trainer.run_train(_cfg(tmp_path / "nope", tmp_path / "m.safetensors"))
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    with pytest.raises(BadTilesError, match="no image files"):
+        trainer.run_train(_cfg(tmp_path / "empty", tmp_path / "m.safetensors"))
+
+
+def test_no_readable_image(tmp_path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "a.png").write_text("not a png")
+    (bad / "b.jpg").write_bytes(b"\xff\xd8\xff" + b"\0" * 10)
+    with pytest.raises(BadTilesError, match="none of the 2 image files could be read"):
+        trainer.run_train(_cfg(bad, tmp_path / "m.safetensors"))
+
+
+def test_unreadable_files_are_skipped_and_counted(tiles, tmp_path, caplog):
+    from wsi_haloae.train.data import load_tiles
+
+    mixed = write_tiles(tmp_path / "mixed", n=2)
+    (mixed / "deep" / "er").mkdir(parents=True)
+    Image.fromarray(immunohistochemistry()[:300, :200, 0]).save(mixed / "deep" / "er" / "gray.tif")  # grayscale, odd size
+    (mixed / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 20)
+    (mixed / "notes.txt").write_text("ignored: not an image suffix")
+    with caplog.at_level(logging.WARNING):
+        ts = load_tiles(mixed, progress=False)
+    assert len(ts) == 3 and ts.skipped == 1
+    assert "skipped 1 unreadable" in caplog.text
+    gray = ts.get([p.name for p in ts.paths].index("gray.tif"))
+    assert gray.shape == (256, 256, 3) and gray.dtype == np.uint8
+    assert np.array_equal(gray[..., 0], gray[..., 2])
+
+
+def test_mvtec_category_uses_train_good(tmp_path):
+    from wsi_haloae.train.data import load_tiles
+
+    cat = tmp_path / "bottle"
+    write_tiles(cat / "train" / "good", n=3)
+    write_tiles(cat / "test" / "broken", n=2)
+    ts = load_tiles(cat, progress=False)
+    assert len(ts) == 3 and ts.root == cat / "train" / "good"
+
+
+def test_resume_without_a_resume_file(tiles, tmp_path):
+    with pytest.raises(BadInputError, match="no resume file"):
+        trainer.run_train(_cfg(tiles, tmp_path / "m.safetensors", resume=True))
+
+
+def test_bad_device_and_output(tiles, tmp_path):
+    if not torch.cuda.is_available():
+        with pytest.raises(BadInputError, match="no CUDA device"):
+            trainer.run_train(_cfg(tiles, tmp_path / "m.safetensors", device="cuda"))
+    (tmp_path / "adir").mkdir()
+    with pytest.raises(OutputError, match="is a folder"):
+        trainer.run_train(_cfg(tiles, tmp_path / "adir"))
+
+
+def test_cli_bad_inputs_are_one_line_errors(tmp_path):
+    runner = CliRunner()
+    for args in (
+        ["train", "--tiles", str(tmp_path / "missing"), "--out", str(tmp_path / "m.safetensors")],
+        ["train", "--tiles", str(tmp_path), "--out", str(tmp_path / "m.safetensors"), "--preset", "tiny"],
+    ):
+        r = runner.invoke(main, args)
+        assert r.exit_code == 2, r.output
+        assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, r.stderr
+        assert "Traceback" not in r.stderr and r.stdout == ""
+
+
+def test_dataset_samples_are_a_function_of_seed_epoch_index(tiles):
+    from wsi_haloae.train.data import CutPasteDataset, load_tiles
+
+    ts = load_tiles(tiles, progress=False)
+    ds = CutPasteDataset(ts, n_samples=6, seed=1)
+    a = ds[(2, 4)]
+    ds[(0, 1)], ds[(5, 0)]
+    b = CutPasteDataset(ts, n_samples=6, seed=1)[(2, 4)]
+    c = ds[(3, 4)]
+    assert all(torch.equal(u, v) for u, v in zip(a, b))
+    assert not torch.equal(a[0], c[0])
+    # pasted versions differ from their original only where something was pasted (tested in detail elsewhere)
+    assert not torch.equal(a[0], a[1]) and not torch.equal(a[0], a[2])
