@@ -79,17 +79,22 @@ class MapGeometry:
     block: int
 
     @staticmethod
-    def for_slide(bounds: tuple[int, int, int, int], mpp0: float, target_mpp: float, tile_size: int,
+    def for_slide(bounds: tuple[int, int, int, int], mpp0: float, scale: float, tile_size: int,
                   pixel_downsample: int) -> "MapGeometry":
+        """``scale``: level-0 px per target px (the grid's, snapped to a pyramid level); ``mpp0``: level-0 µm/px.
+
+        The map covers the bounds region; its pixel size is exactly what the tiles were read at times the
+        downsample, so the OME scale agrees with the slide's size and mpp.
+        """
         bx, by, bw, bh = bounds
-        slide_px = target_mpp * pixel_downsample / mpp0
+        slide_px = scale * pixel_downsample
         return MapGeometry(
             height=max(1, math.ceil(bh / slide_px - 1e-6)),
             width=max(1, math.ceil(bw / slide_px - 1e-6)),
             origin_x=float(bx),
             origin_y=float(by),
             slide_px=slide_px,
-            um=target_mpp * pixel_downsample,
+            um=mpp0 * slide_px,
             block=tile_size // pixel_downsample,
         )
 

@@ -1,0 +1,283 @@
+"""Whole-slide inference: geometry and values of the outputs, resumability, errors.
+
+Most tests drive ``run_infer`` with a *probe* model: a stand-in with the HaloAE interface whose anomaly
+map is the tile's darkness (1 − mean RGB) pooled to 64x64. Its output is known exactly from the slide
+pixels, so these tests check that every tile's map lands in the right place at the right scale, that
+background is NaN and that tables/attributes agree, independently of any training. The real tiny HaloAE
+runs in test_infer_model.py (planted anomaly, kill-and-rerun through the CLI).
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import shutil
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from wsi_haloae.config import InferConfig, ModelConfig
+from wsi_haloae.errors import BadModelFileError, BadSlideError, OutputError
+from wsi_haloae.infer import writers
+from wsi_haloae.infer.engine import run_infer
+from wsi_haloae.model.anomaly_map import postprocess
+from wsi_haloae.model.checkpoint import LoadedModel
+from wsi_haloae.slide.reader import SlideReader
+
+
+class ProbeModel(nn.Module):
+    """HaloAE's inference interface; anomaly map = darkness of the tile, 4x4 mean-pooled to 64x64."""
+
+    def __init__(self):
+        super().__init__()
+        self.config = ModelConfig.preset("tiny")
+        self.backbone_info = {"source": "probe"}
+        self.dummy = nn.Parameter(torch.zeros(1), requires_grad=False)
+
+    def anomaly_map(self, x: torch.Tensor) -> torch.Tensor:
+        return F.avg_pool2d(1.0 - x.float().mean(dim=1, keepdim=True), 4)[:, 0]
+
+
+def probe(mpp: float | None = 0.5) -> LoadedModel:
+    return LoadedModel(model=ProbeModel(), mean_map=torch.zeros(64, 64), metadata={"mpp": mpp}, sha256="0" * 64)
+
+
+def expected_block(reader: SlideReader, x: int, y: int, mpp: float, downsample: int) -> np.ndarray:
+    tile = torch.from_numpy(reader.read_tile(x, y, 256, mpp)).permute(2, 0, 1)[None].float() / 255
+    raw = ProbeModel().anomaly_map(tile)
+    b = 256 // downsample
+    if b > 64:
+        return postprocess(raw, torch.zeros(64, 64), out_size=b)[0].numpy()
+    pp = postprocess(raw, torch.zeros(64, 64))
+    return F.avg_pool2d(pp[:, None], 64 // b)[0, 0].numpy() if b < 64 else pp[0].numpy()
+
+
+def cfg_for(slide: Path, tmp: Path, **kw) -> InferConfig:
+    base = dict(slide=slide, model=tmp / "unused.safetensors", out=tmp / "o.zarr", workers=0, batch_size=4,
+                progress=False)
+    base.update(kw)
+    return InferConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def probe_run(synthetic_slide, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("probe")
+    cfg = cfg_for(synthetic_slide, tmp, tiff=tmp / "h.ome.tif", geojson=tmp / "t.geojson.gz", preview=tmp / "p.png",
+                  workers=1)
+    summary = run_infer(cfg, loaded=probe())
+    return cfg, summary
+
+
+def test_map_values_placement_and_nan_background(probe_run):
+    cfg, summary = probe_run
+    assert summary.status == "done" and writers.is_complete(cfg.out)
+    g = writers.open_store(cfg.out)
+    reader = SlideReader(cfg.slide)
+    m = g["0"][:]
+    assert m.shape == (2048 // 4, 2048 // 4)
+    xy, rc = g["tiles/xy"][:], g["tiles/rc"][:]
+    assert len(xy) == summary.tiles_tissue > 5
+    covered = np.zeros(m.shape, bool)
+    for (x, y), (r, c) in zip(xy, rc):
+        assert (x, y) == (c * 256, r * 256)
+        blk = m[r * 64:(r + 1) * 64, c * 64:(c + 1) * 64]
+        np.testing.assert_allclose(blk, expected_block(reader, x, y, 0.5, 4), rtol=1e-5, atol=1e-6)
+        covered[r * 64:(r + 1) * 64, c * 64:(c + 1) * 64] = True
+    assert np.isnan(m[~covered]).all()  # background (non-tissue tiles) is NaN
+    assert np.isfinite(m[covered]).all()
+    # tile scores agree with the map (mean of the native map) and sit in the grid
+    means = g["tiles/score_mean"][:]
+    np.testing.assert_allclose(means, [m[r * 64:(r + 1) * 64, c * 64:(c + 1) * 64].mean() for r, c in rc], rtol=1e-5)
+    grid = g["grid/score_mean"][:]
+    assert grid.shape == (8, 8)
+    np.testing.assert_array_equal(grid[rc[:, 0], rc[:, 1]], means)
+    assert np.isnan(grid).sum() == 64 - len(rc)
+    assert g["mask"].attrs["downsample"] > 0 and g["mask"][:].any()
+
+
+def test_store_metadata_agrees_with_slide(probe_run):
+    from ome_zarr.io import parse_url
+    from ome_zarr.reader import Reader
+
+    cfg, summary = probe_run
+    node = list(Reader(parse_url(str(cfg.out)))())[0]
+    shapes = [d.shape for d in node.data]
+    assert shapes == [(512, 512), (256, 256)]
+    scales = [t[0]["scale"] for t in node.metadata["coordinateTransformations"]]
+    # map pixel = 0.5 µm/px * 4 slide px; the extent in µm equals the slide's
+    assert scales == [[2.0, 2.0], [4.0, 4.0]]
+    for shp, sc in zip(shapes, scales):
+        assert shp[0] * sc[0] == pytest.approx(2048 * 0.5, abs=sc[0])
+    a = writers.read_attrs(cfg.out)
+    assert a["complete"] is True
+    assert a["slide"]["width"] == 2048 and a["slide"]["mpp"] == pytest.approx(0.5)
+    assert len(a["slide"]["properties_sha256"]) == 64
+    assert a["model"]["sha256"] == "0" * 64 and a["model"]["config"]["name"] == "tiny"
+    assert a["tile_size"] == 256 and a["pixel_downsample"] == 4
+    assert a["tiles"] == {"grid": 64, "n_rows": 8, "n_cols": 8, "tissue": summary.tiles_tissue, "failed": 0,
+                          "scored": summary.tiles_tissue}
+    assert a["start_time"] <= a["end_time"]
+    assert a["package_version"]
+    assert 0 < a["model_seconds"] <= a["seconds"]
+    assert a["threshold"]["value"] is not None
+
+
+def test_geojson_and_tiff_from_a_run(probe_run):
+    import tifffile
+
+    cfg, summary = probe_run
+    g = writers.open_store(cfg.out)
+    fc = json.loads(gzip.decompress(Path(cfg.geojson).read_bytes()))
+    feats = fc["features"]
+    assert len(feats) == summary.tiles_tissue
+    xy, means = g["tiles/xy"][:], g["tiles/score_mean"][:]
+    thr = writers.read_attrs(cfg.out)["threshold"]["value"]
+    for f, (x, y), s in zip(feats, xy, means):
+        assert f["geometry"]["coordinates"][0][0] == [int(x), int(y)]  # no bounds on this slide
+        assert f["geometry"]["coordinates"][0][2] == [int(x) + 256, int(y) + 256]
+        assert f["properties"]["objectType"] == "tile"
+        assert f["properties"]["measurements"]["anomaly_score"] == pytest.approx(float(s))
+        assert ("classification" in f["properties"]) == (s > thr)
+    with tifffile.TiffFile(cfg.tiff) as tf:
+        assert len(tf.pages[0].subifds) == 1
+        np.testing.assert_array_equal(tf.series[0].levels[0].asarray(), g["0"][:])
+        assert 'PhysicalSizeX="2.0"' in tf.ome_metadata
+    assert Path(str(cfg.tiff).replace(".ome.tif", ".rgb.ome.tif")).is_file()
+    assert Path(cfg.preview).stat().st_size > 10_000
+    assert not list(Path(cfg.out).parent.glob(".*partial"))
+
+
+@pytest.mark.parametrize("downsample", [1, 8])
+def test_pixel_downsample(synthetic_slide, tmp_path, downsample):
+    cfg = cfg_for(synthetic_slide, tmp_path, pixel_downsample=downsample)
+    run_infer(cfg, loaded=probe())
+    g = writers.open_store(cfg.out)
+    b = 256 // downsample
+    levels = writers.map_levels(g)
+    assert levels[0].shape == (2048 // downsample,) * 2
+    assert max(levels[-1].shape) <= writers.MIN_LEVEL_SIZE
+    scale0 = g.attrs["multiscales"][0]["datasets"][0]["coordinateTransformations"][0]["scale"]
+    assert scale0 == [0.5 * downsample] * 2
+    reader = SlideReader(synthetic_slide)
+    (x, y), (r, c) = g["tiles/xy"][0], g["tiles/rc"][0]
+    np.testing.assert_allclose(levels[0][r * b:(r + 1) * b, c * b:(c + 1) * b],
+                               expected_block(reader, x, y, 0.5, downsample), rtol=1e-5, atol=1e-6)
+
+
+def test_target_mpp_coarser_than_the_slide(tmp_path):
+    """A 0.25 µm/px slide run by a 0.5 µm/px model: tiles come from pyramid level 1; scales follow."""
+    from wsi_haloae.slide.synthetic import write_synthetic_slide
+
+    slide = write_synthetic_slide(tmp_path / "fine.tif", width=2048, height=1536, mpp=0.25)
+    cfg = cfg_for(slide, tmp_path)
+    s = run_infer(cfg, loaded=probe(mpp=0.5))
+    a = writers.read_attrs(cfg.out)
+    assert a["target_mpp"] == 0.5 and a["level0_tile"] == pytest.approx(512)
+    g = writers.open_store(cfg.out)
+    assert g["0"].shape == (1536 // 8, 2048 // 8)
+    assert g.attrs["multiscales"][0]["datasets"][0]["coordinateTransformations"][0]["scale"] == [2.0, 2.0]
+    assert s.mpp == 0.5 and s.tiles_tissue > 0
+    # --mpp overrides the model's mpp
+    s2 = run_infer(replace(cfg, out=tmp_path / "o2.zarr", mpp=0.25), loaded=probe(mpp=0.5))
+    assert writers.open_store(tmp_path / "o2.zarr")["0"].shape == (1536 // 4, 2048 // 4)
+    assert s2.mpp == 0.25
+
+
+def test_complete_output_is_skipped_incomplete_is_redone(synthetic_slide, tmp_path):
+    cfg = cfg_for(synthetic_slide, tmp_path)
+    first = run_infer(cfg, loaded=probe())
+    stamp = writers.read_attrs(cfg.out)["end_time"]
+    ref = writers.open_store(cfg.out)["0"][:]
+    again = run_infer(replace(cfg, geojson=tmp_path / "late.geojson"), loaded=probe())
+    assert again.status == "skipped" and first.status == "done"
+    assert writers.read_attrs(cfg.out)["end_time"] == stamp  # left alone
+    assert (tmp_path / "late.geojson").is_file()  # a newly requested extra is made from the existing store
+    # an output without its marker (killed during a previous run's rename) and a stale temp dir: redone
+    (Path(cfg.out) / writers.MARKER).unlink()
+    stale = writers.tmp_path_for(cfg.out)
+    stale.mkdir()
+    (stale / "junk").write_text("x")
+    redone = run_infer(cfg, loaded=probe())
+    assert redone.status == "done" and writers.is_complete(cfg.out) and not stale.exists()
+    np.testing.assert_array_equal(writers.open_store(cfg.out)["0"][:], ref)
+    assert run_infer(replace(cfg, overwrite=True), loaded=probe()).status == "done"
+
+
+def _corrupt_level0_tiles(path: Path, which) -> int:
+    """Overwrite the start of chosen level-0 JPEG tiles (grid row-major) with zeros: undecodable tiles."""
+    import tifffile
+
+    with tifffile.TiffFile(path) as tf:
+        page = tf.pages[0]
+        ncols = -(-page.imagewidth // page.tilewidth)
+        offsets = page.dataoffsets
+    n = 0
+    with open(path, "r+b") as f:
+        for r, c in which:
+            f.seek(offsets[r * ncols + c])
+            f.write(b"\0" * 64)
+            n += 1
+    return n
+
+
+def test_corrupt_tiles_recorded_missing_or_slide_refused(synthetic_slide, tmp_path):
+    ref = cfg_for(synthetic_slide, tmp_path / "ref")
+    run_infer(ref, loaded=probe())
+    rc = writers.open_store(ref.out)["tiles/rc"][:]
+    one = tmp_path / "one_bad.tif"
+    shutil.copy(synthetic_slide, one)
+    _corrupt_level0_tiles(one, [tuple(rc[0])])
+    cfg = cfg_for(one, tmp_path, max_failed_fraction=0.1)
+    s = run_infer(cfg, loaded=probe())
+    assert s.tiles_failed == 1 and writers.is_complete(cfg.out)
+    g = writers.open_store(cfg.out)
+    r, c = rc[0]
+    assert np.isnan(g["0"][r * 64:(r + 1) * 64, c * 64:(c + 1) * 64]).all()
+    assert np.isnan(g["tiles/score_mean"][0]) and not g["tiles/ok"][0] and g["tiles/ok"][1:].all()
+    assert writers.read_attrs(cfg.out)["tiles"]["failed"] == 1
+    # half the tissue unreadable: the slide is refused, nothing complete is left behind
+    half = tmp_path / "half_bad.tif"
+    shutil.copy(synthetic_slide, half)
+    _corrupt_level0_tiles(half, [tuple(x) for x in rc[len(rc) // 2:]])
+    bad = cfg_for(half, tmp_path, out=tmp_path / "half.zarr", geojson=tmp_path / "half.geojson")
+    with pytest.raises(BadSlideError, match="could not be read"):
+        run_infer(bad, loaded=probe())
+    assert not Path(bad.out).exists() and not writers.tmp_path_for(bad.out).exists()
+    assert not Path(bad.geojson).exists()
+
+
+def test_errors_are_user_errors_without_marker(synthetic_slide, tmp_path):
+    junk = tmp_path / "junk.svs"
+    junk.write_bytes(b"not a slide at all")
+    with pytest.raises(BadSlideError, match="junk.svs"):
+        run_infer(cfg_for(junk, tmp_path), loaded=probe())
+    assert not (tmp_path / "o.zarr").exists()
+    pickle_like = tmp_path / "model.pth"
+    pickle_like.write_bytes(b"\x80\x04\x95" + b"\0" * 200)
+    with pytest.raises(BadModelFileError, match="model.pth"):
+        run_infer(cfg_for(synthetic_slide, tmp_path, model=pickle_like))
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    with pytest.raises(OutputError, match="a_file"):
+        run_infer(cfg_for(synthetic_slide, tmp_path, out=blocker / "o.zarr"), loaded=probe())
+    with pytest.raises(OutputError):
+        run_infer(cfg_for(synthetic_slide, tmp_path, preview=blocker / "p.png"), loaded=probe())
+    assert not (tmp_path / "o.zarr").exists()
+
+
+def test_cli_error_is_one_line(tmp_path):
+    junk = tmp_path / "junk.svs"
+    junk.write_bytes(b"nope")
+    p = subprocess.run([sys.executable, "-m", "wsi_haloae.cli", "infer", str(junk), "--model", str(tmp_path / "m"),
+                        "--out", str(tmp_path / "o.zarr")], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "model file" in lines[0]
+    assert not (tmp_path / "o.zarr").exists()
