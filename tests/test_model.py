@@ -233,3 +233,40 @@ def test_random_backbone_is_seeded():
     a, b = build_model("tiny", "random"), build_model("tiny", "random")
     assert a.backbone_info["sha256"] == b.backbone_info["sha256"]
     assert torch.equal(a.features.layers[0].weight, b.features.layers[0].weight)
+
+
+# -- configs and the info command ---------------------------------------------------------------------------
+def test_bilinear_upsample_variant_and_bad_configs():
+    import dataclasses
+
+    from wsi_haloae.config import StageConfig
+    from wsi_haloae.errors import BadInputError
+
+    cfg = ModelConfig.preset("tiny")
+    m = build_model(dataclasses.replace(cfg, upsample="bilinear"), "random").eval()
+    assert m.autoencoder.upsample is None
+    assert m.autoencoder(torch.rand(1, 192, 64, 64)).shape == (1, 192, 64, 64)
+    bad_width = dataclasses.replace(cfg, decoder=cfg.decoder[:-1] + (StageConfig(100, 1, 1),))
+    bad_head = dataclasses.replace(cfg, head_kernel=3)  # 62 is not a multiple of 12
+    for bad in (bad_width, bad_head, dataclasses.replace(cfg, upsample="nearest")):
+        with pytest.raises(BadInputError):
+            HaloAE(bad)
+
+
+def test_info_command(tmp_path, tiny):
+    from click.testing import CliRunner
+
+    from wsi_haloae.cli import main
+    from wsi_haloae.model import save_model
+
+    r = CliRunner().invoke(main, ["info", "--preset", "paper"])
+    assert r.exit_code == 0, r.output
+    n = meta_model("paper").trainable_parameters()
+    assert f"{n:,}" in r.output and "704" in r.output and "relu3_4" in r.output and "GFLOP" in r.output
+    p = save_model(tmp_path / "tiny.safetensors", tiny, torch.zeros(64, 64), {"epochs": 1, "mpp": 0.5})
+    r = CliRunner().invoke(main, ["info", "--model", str(p)])
+    assert r.exit_code == 0 and "tiny" in r.output and '"mpp": 0.5' in r.output
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not a model")
+    r = CliRunner().invoke(main, ["info", "--model", str(junk)])
+    assert r.exit_code == 2 and "Traceback" not in r.output

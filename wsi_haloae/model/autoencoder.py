@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig, StageConfig
+from ..errors import BadInputError
 from .halo import HaloAttention
 
 
@@ -55,10 +56,10 @@ class HaloAutoEncoder(nn.Module):
         super().__init__()
         c = cfg.fm_channels
         if cfg.decoder[-1].width != c:
-            raise ValueError(f"model config {cfg.name!r}: last decoder width {cfg.decoder[-1].width} != fm channels {c}")
+            raise BadInputError(f"model config {cfg.name!r}: last decoder width {cfg.decoder[-1].width} != fm channels {c}")
         inner = cfg.fm_size - cfg.head_kernel + 1
         if inner <= 0 or inner % cfg.block:
-            raise ValueError(f"model config {cfg.name!r}: head output {inner}x{inner} is not a multiple of block {cfg.block}")
+            raise BadInputError(f"model config {cfg.name!r}: head output {inner}x{inner} is not a multiple of block {cfg.block}")
         self.head = nn.Sequential(nn.Conv2d(c, cfg.head_width, cfg.head_kernel, padding=0, bias=False), nn.BatchNorm2d(cfg.head_width), nn.ReLU())
         enc: list[nn.Module] = []
         w = cfg.head_width
@@ -77,7 +78,7 @@ class HaloAutoEncoder(nn.Module):
         elif cfg.upsample == "bilinear":
             self.upsample = None
         else:
-            raise ValueError(f"model config {cfg.name!r}: unknown upsample {cfg.upsample!r} (depthwise | bilinear)")
+            raise BadInputError(f"model config {cfg.name!r}: unknown upsample {cfg.upsample!r} (depthwise | bilinear)")
         self.fm_size = cfg.fm_size
 
     def encode(self, fm: torch.Tensor) -> torch.Tensor:
@@ -108,7 +109,7 @@ class ImageReconstructor(nn.Module):
         while (1 << n_up) < scale:
             n_up += 1
         if (1 << n_up) != scale:
-            raise ValueError(f"model config {cfg.name!r}: tile_size / fm_size must be a power of two")
+            raise BadInputError(f"model config {cfg.name!r}: tile_size / fm_size must be a power of two")
         layers: list[nn.Module] = []
         n_conv = len(widths) - 1
         up_after = set(range(max(0, n_conv - 2 - n_up), n_conv - 2)) if n_up else set()

@@ -146,7 +146,7 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> L
         raise BadModelFileError(f"model file {path}: bad config ({exc})") from None
     try:
         model = HaloAE(cfg)
-    except ValueError as exc:
+    except (ValueError, UserError) as exc:
         raise BadModelFileError(f"model file {path}: bad config ({exc})") from None
     expected = model.state_dict()
     try:
