@@ -149,12 +149,14 @@ def test_dry_run_prints_plan_and_slurm_script_without_running(tiny_model, slide_
     assert p.returncode == 0, p.stderr
     s = p.stdout
     assert "3 slides" in s and "3 to run" in s and "3 job(s)" in s
+    p, _ = run_cli(slide_dir, "--model", tiny_model, "--out", out, "--cluster", "slurm", "--jobs", "9", "--dry-run")
+    assert "3 job(s)" in p.stdout  # never more jobs than slides
     for directive in ("#SBATCH -p gpu", "#SBATCH -A lab42", "#SBATCH --cpus-per-task=6", "#SBATCH --mem=23G",
                       "#SBATCH -t 01:30:00", "#SBATCH --gres=gpu:1", "#SBATCH --constraint=a100",
                       "#SBATCH -J wsi-haloae"):
         assert directive in s, f"{directive!r} missing from:\n{s}"
     assert "--resources slide=1" in s and "DASK_DISTRIBUTED__WORKER__DAEMON=False" in s
-    assert not (out / "cohort.csv").exists()  # nothing ran
+    assert not out.exists()  # nothing ran, nothing written
 
 
 # ---------------------------------------------------------------------------------------- local cluster

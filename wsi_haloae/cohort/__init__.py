@@ -123,7 +123,7 @@ def _print_plan(cfg: CohortConfig, entries: list[SlideEntry], rows: dict[str, di
         print(f"cluster: local, {min(n, max(1, len(todo)))} worker process(es) x {threads} thread(s), device {cfg.device}")
     else:
         cls_name, kw = jobqueue_kwargs(cfg)
-        jobs = cfg.jobs or 1
+        jobs = min(cfg.jobs or 1, max(1, -(-len(todo) // cfg.workers_per_job)))  # never more jobs than slides
         print(f"cluster: {cfg.cluster} ({cls_name}), {jobs} job(s) x {cfg.workers_per_job} worker(s); each job: "
               f"{kw['cores']} cores, {kw['memory']}, walltime {kw['walltime']}"
               + (f", {cfg.gpus_per_job} GPU(s)" if cfg.gpus_per_job else ""))

@@ -115,8 +115,20 @@ def job_script(cfg: CohortConfig, log_directory: Path | None = None) -> str:
     """The batch script one job would run, without starting a scheduler or submitting anything."""
     cls_name, kw = jobqueue_kwargs(cfg, log_directory)
     cls = _jobqueue_class(cls_name)
-    job = cls.job_cls(scheduler="tcp://SCHEDULER-ADDRESS:PORT", name="dry-run", **kw)
-    return job.job_script()
+    # the job object creates its log folder: a dry run must leave no trace, so remove what it made
+    made = []
+    if log_directory is not None:
+        p = Path(log_directory)
+        while not p.exists():
+            made.append(p)
+            p = p.parent
+    try:
+        job = cls.job_cls(scheduler="tcp://SCHEDULER-ADDRESS:PORT", name="dry-run", **kw)
+        return job.job_script()
+    finally:
+        for p in made:
+            with suppress(OSError):
+                p.rmdir()
 
 
 def _dashboard_available() -> bool:
@@ -180,8 +192,8 @@ def open_cluster(cfg: CohortConfig, log_directory: Path, n_tasks: int) -> Iterat
         if cfg.scheduler_address:
             client = Client(cfg.scheduler_address, timeout="30s")
             try:
-                threads = 1
-                yield Cluster(client, "external", use_resources=False, threads=threads,
+                # threads=0: each worker divides its machine's cores among the slides it runs at once
+                yield Cluster(client, "external", use_resources=False, threads=0,
                               description=f"existing scheduler {cfg.scheduler_address}")
             finally:
                 client.close()

@@ -11,6 +11,7 @@ import contextlib
 import io
 import json
 import logging
+import multiprocessing
 import os
 import re
 import socket
@@ -83,6 +84,16 @@ def _worker_name() -> str:
         return str(get_worker().name)
     except Exception:
         return str(os.getpid())
+
+
+def _threads_per_slide() -> int:
+    """On a worker we did not start, slides run `nthreads` at a time: share the machine's cores among them."""
+    try:
+        from distributed import get_worker
+
+        return max(1, (os.cpu_count() or 1) // max(1, get_worker().state.nthreads))
+    except Exception:  # noqa: BLE001 - not inside a Dask worker
+        return 1
 
 
 def worker_device(requested: str) -> str:
@@ -174,14 +185,20 @@ def process_slide(task: SlideTask) -> dict[str, Any]:
         from ..config import InferConfig
         from ..infer.engine import run_infer
 
-        torch.set_num_threads(max(1, task.threads))  # Dask sets OMP_NUM_THREADS=1 in its workers
+        torch.set_num_threads(task.threads or _threads_per_slide())  # Dask sets OMP_NUM_THREADS=1 in workers
+        readers = task.infer_workers
+        if readers and multiprocessing.current_process().daemon:
+            # a daemonic worker (an external cluster started without DASK_DISTRIBUTED__WORKER__DAEMON=False)
+            # cannot start tile-reader processes: read tiles in the worker itself
+            log.warning("slide %s: daemonic Dask worker, reading tiles without reader processes", task.id)
+            readers = 0
         device = worker_device(task.device)
         loaded = cached_model(task.model, task.model_sha256, device)
         paths = output_paths(Path(task.out_dir), task.id, task.tiff, task.geojson, task.preview)
         cfg = InferConfig(
             slide=Path(task.slide), model=Path(task.model), out=paths["zarr"], tiff=paths["tiff"],
             geojson=paths["geojson"], preview=paths["preview"], mpp=task.mpp, batch_size=task.batch_size,
-            workers=task.infer_workers, device=device, pixel_downsample=task.pixel_downsample,
+            workers=readers, device=device, pixel_downsample=task.pixel_downsample,
             min_tissue=task.min_tissue, overwrite=task.overwrite, progress=False,
         )
         with contextlib.redirect_stderr(io.StringIO()) as said:
