@@ -1,11 +1,16 @@
 """Tissue detection on a low-resolution image of the slide.
 
-Otsu on HSV saturation (stained tissue is coloured, glass is grey-white), after a median blur, extended by
-hysteresis (pixels a little more saturated, or clearly darker, than the glass count when connected to
-stained tissue) so pale tissue is not lost; then a colour
-rule removes what Otsu cannot tell from tissue, then morphology (close, drop specks, fill small holes).
-Everything runs on an image of at most ``MAX_MASK_SIDE`` px on the long side, so memory does not grow with
-the slide.
+1. HSV saturation (stained tissue is coloured, glass is grey-white), median-blurred; Otsu threshold on it,
+   never below 0.05 (so a slide that is almost all glass does not get its noise split in two).
+2. Hysteresis: pixels a little more saturated than the glass (glass level + 0.05) or clearly darker than it
+   (HSV value 0.06 below the glass) count when connected to pixels above the Otsu threshold. Otsu on a
+   slide with strong and pale stain often splits strong from pale rather than tissue from glass; this
+   keeps the pale tissue attached to stained tissue.
+3. A colour rule removes what saturation cannot tell from tissue (below).
+4. Morphology: close (disk radius 2), drop objects and fill holes smaller than 0.01 mm².
+
+Everything runs on an image of at most ``MAX_MASK_SIDE`` px on the long side, so time and memory do not
+grow with the slide.
 
 Colour rule (HSV, all in [0, 1]; brightfield stains):
 
@@ -13,8 +18,7 @@ Colour rule (HSV, all in [0, 1]; brightfield stains):
   0-0.05), DAB (≈ 0.05-0.12) and a pale hematoxylin counterstain (hue ≈ 0.6, saturation ≈ 0.15) fall
   outside it. Red pen cannot be told from eosin by colour and is kept.
 - black ink and very dark debris: value < 0.15.
-- glass: saturation below max(Otsu, 0.05), or value > 0.90 with saturation < 0.10 (a floor so a slide that
-  is almost all glass does not get its noise split in two by Otsu).
+- glass: value > 0.90 with saturation < 0.10.
 
 Fluorescence slides (dark background) are outside what this detects.
 """
