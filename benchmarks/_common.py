@@ -1,0 +1,196 @@
+"""Shared plumbing for the benchmark scripts: machine facts, timing, tables and JSON results.
+
+Every script prints the exact command that produced it first, then a table, and writes one JSON file holding
+the machine description next to the rows, so a figure in RESULTS.md can always be traced to a command, a
+machine and a date. The load average is recorded before and after: on a shared machine it says how much
+the figures are distorted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("WSI_HALOAE_SHARED_DATA", REPO.parent / "shared" / "data"))
+CMU_SMALL = ("openslide-testdata", "Aperio", "CMU-1-Small-Region.svs")
+DEFAULT_WORKDIR = Path(os.environ.get("WSI_HALOAE_BENCH_DIR", "/tmp/wsi-haloae-bench"))
+
+
+def command_line() -> str:
+    """The command as typed (relative script path), so it can be pasted back."""
+    script = Path(sys.argv[0])
+    try:
+        script = script.resolve().relative_to(REPO)
+    except ValueError:
+        pass
+    return " ".join(["python", str(script), *map(shlex.quote, sys.argv[1:])])
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_flags() -> list[str]:
+    """The few CPU features that decide bf16/fp32 speed on the CPU."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                have = set(line.split(":", 1)[1].split())
+                return sorted(have & {"avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile", "fma"})
+    except OSError:
+        pass
+    return []
+
+
+def loadavg() -> list[float] | None:
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def machine_info(device: str | None = None) -> dict[str, Any]:
+    import numpy as np
+    import torch
+
+    info: dict[str, Any] = {
+        "date_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "cpu_model": cpu_model(),
+        "cpu_flags": cpu_flags(),
+        "cpu_count": os.cpu_count(),
+        "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "torch_threads": torch.get_num_threads(),
+        "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+        "loadavg_start": loadavg(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "platform": platform.platform(),
+        "device": device,
+        "gpu": None,
+    }
+    try:
+        import openslide
+
+        info["openslide"] = openslide.__library_version__
+    except Exception:  # noqa: BLE001 - optional detail
+        pass
+    if torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(0)
+        info["gpu"] = {"name": p.name, "memory_gib": round(p.total_memory / 2**30, 1), "cuda": torch.version.cuda,
+                       "capability": f"{p.major}.{p.minor}", "count": torch.cuda.device_count()}
+    return info
+
+
+def base_parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--quick", action="store_true", help="Tiny sizes: a smoke run in seconds (CI).")
+    p.add_argument("--out", type=Path, help="Write the JSON results here (default: benchmarks/results/<name>.json).")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice).")
+    return p
+
+
+def resolve_device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        sys.exit("error: --device cuda: no CUDA device here")
+    return torch.device(name)
+
+
+def start(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Print the command line and return the result skeleton (machine info filled in)."""
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"# {command_line()}", flush=True)
+    dev = resolve_device(args.device)
+    m = machine_info(str(dev))
+    gpu = m["gpu"]["name"] if m["gpu"] else "none"
+    print(f"# {m['date_utc']}  cpu: {m['cpu_model']} x{m['cpu_count']}  gpu: {gpu}  torch {m['torch']}  "
+          f"python {m['python']}  load {m['loadavg_start']}", flush=True)
+    return {"benchmark": name, "command": command_line(), "quick": bool(args.quick), "machine": m,
+            "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, "rows": []}
+
+
+def finish(result: dict[str, Any], args: argparse.Namespace, t0: float) -> Path:
+    """Add the closing facts and write the JSON atomically; returns its path."""
+    result["machine"]["loadavg_end"] = loadavg()
+    result["wall_s"] = round(time.perf_counter() - t0, 2)
+    out = args.out or (REPO / "benchmarks" / "results" / f"{result['benchmark']}{'-quick' if args.quick else ''}.json")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    os.replace(tmp, out)
+    la = result["machine"]["loadavg_end"]
+    print(f"# wrote {out}  ({result['wall_s']} s; load at end {la})", flush=True)
+    return out
+
+
+def print_table(rows: Sequence[dict[str, Any]], columns: Iterable[str]) -> None:
+    cols = list(columns)
+
+    def fmt(v: Any) -> str:
+        if v is None:
+            return "-"
+        if isinstance(v, float):
+            if v == 0:
+                return "0"
+            a = abs(v)
+            return f"{v:.3g}" if a < 100 else f"{v:,.0f}"
+        return str(v)
+
+    cells = [[fmt(r.get(c)) for c in cols] for r in rows]
+    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(cols)]
+    print("| " + " | ".join(c.ljust(w) for c, w in zip(cols, widths)) + " |")
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for row in cells:
+        print("| " + " | ".join(v.rjust(w) for v, w in zip(row, widths)) + " |")
+    sys.stdout.flush()
+
+
+def cpu_seconds() -> float:
+    """User+system CPU time of this process (threads included): robust to other load on a shared machine."""
+    t = os.times()
+    return t.user + t.system
+
+
+def shared_file(*parts: str) -> Path | None:
+    p = SHARED_DATA.joinpath(*parts)
+    return p if p.exists() else None
+
+
+def make_model_file(preset: str, workdir: Path, mpp: float | None = None) -> Path:
+    """A model file of ``preset`` with a random (seeded) backbone: speed does not depend on the weights."""
+    import torch
+
+    from wsi_haloae.model import build_model
+    from wsi_haloae.model.checkpoint import save_model
+
+    path = workdir / f"model-{preset}-random.safetensors"
+    if not path.is_file():
+        workdir.mkdir(parents=True, exist_ok=True)
+        model = build_model(preset, backbone_weights="random").eval()
+        fm = model.config.fm_size
+        save_model(path, model, torch.zeros(fm, fm), {"mpp": mpp, "note": "benchmark model, random weights"})
+    return path

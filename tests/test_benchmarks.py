@@ -1,0 +1,93 @@
+"""Smoke tests for benchmarks/: each script runs in --quick mode and writes a valid JSON result.
+
+Figures are never asserted (they depend on the machine); what is checked is that each script runs from the
+command its README gives, prints the command first, and writes the machine facts and sane, positive rates.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH = REPO / "benchmarks"
+
+
+def run_bench(name: str, tmp_path: Path, *extra: str) -> dict:
+    out = tmp_path / f"{name}.json"
+    env = dict(os.environ, WSI_HALOAE_BENCH_DIR=str(tmp_path / "work"), PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, str(BENCH / f"{name}.py"), "--quick", "--device", "cpu", "--out", str(out), *extra]
+    p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    first = p.stdout.splitlines()[0]
+    assert first.startswith(f"# python benchmarks/{name}.py --quick"), first
+    res = json.loads(out.read_text())
+    assert res["benchmark"] == name and res["quick"] is True
+    m = res["machine"]
+    for key in ("cpu_model", "cpu_count", "torch", "python", "date_utc", "loadavg_start", "loadavg_end"):
+        assert key in m, key
+    assert m["cpu_count"] >= 1 and m["device"] == "cpu"
+    assert res["rows"], "no rows"
+    return res
+
+
+def test_bench_model_quick(tmp_path):
+    res = run_bench("bench_model", tmp_path)
+    ok = [r for r in res["rows"] if "error" not in r]
+    assert ok and all(r["preset"] == "tiny" for r in ok)
+    for r in ok:
+        assert r["tiles_per_s"] > 0 and r["tflop_per_s"] > 0
+        # FlopCounterMode on the meta device: the tiny preset is ~12.9 GFLOP per tile (DESIGN.md section 7 scale)
+        assert 5 < r["gflop_per_tile"] < 30
+    assert res["flops_per_tile"]["tiny"] == pytest.approx(ok[0]["gflop_per_tile"] * 1e9)
+    assert res["matmul_peak_flops"]["fp32"] > 0
+
+
+def test_bench_infer_quick(tmp_path):
+    res = run_bench("bench_infer", tmp_path, "--workdir", str(tmp_path / "work"))
+    (r,) = res["rows"]
+    assert r["tiles"] > 0 and r["tiles"] <= r["grid"]
+    assert 0 < r["model_seconds"] <= r["seconds"]
+    assert 0 < r["ratio"] <= 1.0 + 1e-9  # end to end can never beat the model alone in the same run
+    stages = r["stages_s"]
+    assert stages["  model anomaly_map"] > 0 and stages["tile loop (total)"] >= stages["  model anomaly_map"]
+    assert r["store_mb"] > 0
+
+
+def test_bench_memory_quick(tmp_path):
+    res = run_bench("bench_memory", tmp_path, "--workdir", str(tmp_path / "work"))
+    rows = res["rows"]
+    assert [r["size"] for r in rows] == [1024, 2048]
+    # the same islands in both slides: same tissue tile count whatever the area
+    assert rows[0]["tiles"] == rows[1]["tiles"] > 0
+    for r in rows:
+        assert r["rc"] == 0 and r["peak_rss_mb"] > 50 and r["ru_maxrss_mb"] > 50 and r["store_mb"] > 0
+        assert r["peak_tree_rss_mb"] >= r["peak_rss_mb"]
+    assert set(res["target"]) == {"max_ratio", "ratio", "holds"}
+
+
+def test_bench_reader_quick(tmp_path):
+    res = run_bench("bench_reader", tmp_path, "--workdir", str(tmp_path / "work"))
+    modes = {(r["mode"], r["workers"]) for r in res["rows"]}
+    assert ("TileDataset.read_tile", 0) in modes and ("TileDataset.read_tile", 1) in modes
+    n = res["slide"]["tissue_tiles"]
+    for r in res["rows"]:
+        assert r["tiles"] == n and r["tiles_per_s"] > 0 and r["cpu_ms_per_tile"] > 0
+
+
+def test_bench_train_quick(tmp_path):
+    res = run_bench("bench_train", tmp_path, "--workdir", str(tmp_path / "work"))
+    (r,) = res["rows"]
+    assert r["preset"] == "tiny" and r["steps"] == 1 and r["images_per_step"] == 3
+    assert r["images_per_s"] > 0
+
+
+def test_gpu_check_script_is_valid_bash():
+    script = BENCH / "gpu_check.sh"
+    assert os.access(script, os.X_OK)
+    subprocess.run(["bash", "-n", str(script)], check=True)
