@@ -164,7 +164,14 @@ def _future_row(fut, e: SlideEntry, retries: int) -> dict[str, Any]:
 
 def _run_tasks(cfg: CohortConfig, todo: list[SlideEntry], redo: set[str], rows: dict[str, dict], out: Path,
                model: Path, sha: str, total: int, write) -> None:
-    """Submit the slides, follow them with a progress bar, and keep batch jobs coming back."""
+    """Feed the slides to the cluster, follow them with a progress bar, and keep batch jobs coming back.
+
+    Slides are submitted only as fast as workers have free slots: the scheduler would otherwise queue many
+    slides on one worker, and if that worker died every one of them would count a failure (--retries)
+    although only one was running.
+    """
+    from collections import deque
+
     from distributed import wait
     from tqdm import tqdm
 
@@ -172,26 +179,29 @@ def _run_tasks(cfg: CohortConfig, todo: list[SlideEntry], redo: set[str], rows: 
         _eprint(f"cohort: {cl.description}")
         _eprint(f"cohort: {cl.dashboard()}")
         run = uuid.uuid4().hex[:8]
-        futures = {}
-        for e in todo:
-            t = _task(e, cfg, out, model, sha, cl.threads, e.id in redo)
-            f = cl.client.submit(process_slide, t, key=f"slide-{e.id}-{run}", pure=False,
-                                 resources={SLIDE_RESOURCE: 1} if cl.use_resources else None)
-            futures[f] = e
+        waiting = deque(todo)
+        running: dict[Any, SlideEntry] = {}  # future -> slide; dropped once read, so results are not kept
         bar = tqdm(total=total, initial=total - len(todo), unit="slide", desc="slides", file=sys.stderr,
                    dynamic_ncols=True, smoothing=0.1)
-        pending = set(futures)
         last_write = time.monotonic()
         no_worker_since: float | None = None
         try:
-            while pending:
+            while waiting or running:
+                slots = cl.slots()
+                while waiting and len(running) < max(1, slots):
+                    e = waiting.popleft()
+                    t = _task(e, cfg, out, model, sha, cl.threads, e.id in redo)
+                    f = cl.client.submit(process_slide, t, key=f"slide-{e.id}-{run}", pure=False,
+                                         resources={SLIDE_RESOURCE: 1} if cl.use_resources else None)
+                    running[f] = e
                 try:
-                    done, pending = wait(pending, timeout=2, return_when="FIRST_COMPLETED")
+                    done, _ = wait(list(running), timeout=2, return_when="FIRST_COMPLETED")
                 except TimeoutError:
                     done = set()
                 for f in done:
-                    e = futures[f]
+                    e = running.pop(f)
                     row = _future_row(f, e, cfg.retries)
+                    f.release()
                     rows[e.id] = row
                     if row["status"] == "failed":
                         bar.write(f"cohort: {e.id} failed: {row['error']}")
@@ -199,7 +209,7 @@ def _run_tasks(cfg: CohortConfig, todo: list[SlideEntry], redo: set[str], rows: 
                 if cl.keeper is not None:
                     cl.keeper.check()
                 now = time.monotonic()
-                if pending and cl.n_workers() == 0:
+                if slots == 0:
                     no_worker_since = no_worker_since or now
                     if now - no_worker_since > 60:
                         bar.write(f"cohort: still waiting for workers (see {out / RECORD_DIR / 'logs'})")
@@ -211,8 +221,7 @@ def _run_tasks(cfg: CohortConfig, todo: list[SlideEntry], redo: set[str], rows: 
                     last_write = now
         finally:
             bar.close()
-            for f in pending:
-                e = futures[f]
+            for e in [*running.values(), *waiting]:
                 rows.setdefault(e.id, _blank_row(e, "failed", "not run: the cohort was interrupted"))
 
 

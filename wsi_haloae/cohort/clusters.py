@@ -177,8 +177,12 @@ class Cluster:
             return f"Dask dashboard at {link}"
         return f"Dask scheduler pages at {link} (pip install bokeh for the live dashboard)"
 
-    def n_workers(self) -> int:
-        return len(self.client.scheduler_info(n_workers=-1).get("workers", {}))
+    def slots(self) -> int:
+        """Slides the connected workers can run at once (one per worker of ours; threads on others)."""
+        workers = self.client.scheduler_info(n_workers=-1).get("workers", {}).values()
+        if self.use_resources:
+            return sum(int((w.get("resources") or {}).get(SLIDE_RESOURCE, 0)) for w in workers)
+        return sum(int(w.get("nthreads") or 1) for w in workers)
 
 
 @contextmanager
