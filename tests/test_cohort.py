@@ -208,6 +208,46 @@ def test_local_cohort_records_failures_and_resumes(tiny_model, slide_dir, tmp_pa
     assert secs < 30
 
 
+def _children(pid: int, marker: str) -> list[int]:
+    """Child processes of `pid` whose command line contains `marker` (from /proc: no extra dependency)."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == pid and marker in cmd:
+            out.append(int(d.name))
+    return out
+
+
+@needs_engine
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc to find the worker process")
+def test_local_worker_killed_mid_run_is_restarted_and_slide_retried(tiny_model, slide_dir, tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.Popen([*CLI, str(slide_dir / "syn*.tif"), "--model", str(tiny_model), "--out", str(out),
+                             "--jobs", "1", "--retries", "1", *FAST],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not list((out / ".cohort").glob("*.json")):  # first slide finished; the second starts now
+            assert proc.poll() is None, proc.communicate()[1]
+            assert time.monotonic() < deadline, "no slide finished in time"
+            time.sleep(0.2)
+        workers = _children(proc.pid, "spawn_main")
+        assert len(workers) == 1, workers
+        os.kill(workers[0], 9)
+        _, err = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert {r["status"] for r in read_rows(out).values()} == {"done"}
+
+
 def test_bad_model_fails_before_any_slide(slide_dir, tmp_path):
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"not a model")
