@@ -271,7 +271,8 @@ def _slurm_reason() -> str | None:
     return None
 
 
-slurm = pytest.mark.skipif(_slurm_reason() is not None, reason=str(_slurm_reason()))
+_SLURM_REASON = _slurm_reason()  # once: sinfo waits for its timeout when no controller answers
+slurm = pytest.mark.skipif(_SLURM_REASON is not None, reason=str(_SLURM_REASON))
 SLURM_OPTS = ["--cluster", "slurm", "--cores", "1", "--memory", "2GB", "--walltime", "00:10:00", *FAST]
 
 
