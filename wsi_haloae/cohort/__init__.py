@@ -207,7 +207,10 @@ def _run_tasks(cfg: CohortConfig, todo: list[SlideEntry], redo: set[str], rows: 
                         bar.write(f"cohort: {e.id} failed: {row['error']}")
                     bar.update(1)
                 if cl.keeper is not None:
-                    cl.keeper.check()
+                    lost = cl.keeper.check()
+                    if lost:
+                        bar.write(f"cohort: batch job(s) {', '.join(lost)} lost their workers (cancelled, walltime "
+                                  f"or node failure); submitted {len(lost)} replacement(s)")
                 now = time.monotonic()
                 if slots == 0:
                     no_worker_since = no_worker_since or now

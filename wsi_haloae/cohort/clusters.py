@@ -299,5 +299,5 @@ class JobKeeper:
             self.seen.discard(name)
             self.gone_since.pop(name, None)
         self.replaced += len(names)
-        log.warning("batch job(s) %s lost their workers; submitting %d replacement(s)", ", ".join(names), len(names))
+        log.info("batch job(s) %s lost their workers; submitting %d replacement(s)", ", ".join(names), len(names))
         cluster.scale(jobs=self.jobs)
