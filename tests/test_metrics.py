@@ -37,6 +37,19 @@ def test_pixel_auroc_agrees_with_sklearn():
     assert acc.pixel_auroc() == pytest.approx(11 / 12)  # 12 (anomalous, normal) pairs, 0.35 < 0.4 is the only miss
 
 
+def test_pixel_auroc_agrees_with_sklearn_on_random_maps_with_ties():
+    rng = np.random.default_rng(5)
+    maps = [np.round(rng.random((30, 40)), 2) for _ in range(5)]
+    masks = [rng.random((30, 40)) < 0.1 + 0.3 * (m > 0.6) for m in maps]
+    masks[0][:] = False
+    acc = PixelScores()
+    for m, g in zip(maps, masks):
+        acc.add(m, g)
+    ref = roc_auc_score(np.concatenate([g.ravel() for g in masks]), np.concatenate([m.ravel() for m in maps]))
+    assert acc.pixel_auroc() == pytest.approx(ref, abs=1e-12)
+    assert 0.6 < ref < 0.95
+
+
 def test_aupro_hand_made_case():
     # FPR over 6 normal pixels, one region of 2 pixels: PRO 0.5 up to FPR 1/6, then 1.0:
     # area to 0.3 = 0.5·(1/6) + 1.0·(0.3 − 1/6) = 0.21667, normalised by 0.3 → 13/18
