@@ -118,6 +118,26 @@ def test_manifest_columns_relative_paths_and_errors(tmp_path):
             collect_slides(str(m))
 
 
+def test_report_escapes_sorts_and_keeps_columns(tmp_path):
+    from wsi_haloae.cohort.report import COLUMNS, write_reports
+
+    (tmp_path / "hot.png").write_bytes(b"png")
+    rows = [{"id": "x<1>", "path": "/s/x.svs", "status": "failed", "error": "cannot open: <bad> & worse"},
+            {"id": "cold", "path": "/s/c.svs", "status": "done", "score_max": 0.1, "tiles": 9, "host": "n1"},
+            {"id": "hot", "path": "/s/h.svs", "status": "skipped", "score_max": 0.9, "tiles": 4}]
+    write_reports(tmp_path, rows, {"model_sha256": "abc"})
+    with open(tmp_path / "cohort.csv", newline="") as f:
+        got = list(csv.DictReader(f))
+    assert list(got[0]) == COLUMNS and [r["id"] for r in got] == ["x<1>", "cold", "hot"]
+    assert got[1]["score_max"] == "0.1" and got[0]["tiles"] == ""
+    assert json.loads((tmp_path / "cohort.json").read_text())["cohort"]["model_sha256"] == "abc"
+    page = (tmp_path / "index.html").read_text()
+    assert "x&lt;1&gt;" in page and "&lt;bad&gt; &amp; worse" in page and "<bad>" not in page
+    assert page.index('data-v="hot"') < page.index('data-v="cold"') < page.index('data-v="x&lt;1&gt;"')
+    assert 'src="hot.png"' in page and 'src="cold.png"' not in page  # only previews that exist
+    assert not list(tmp_path.glob(".*.tmp"))  # written through temp names
+
+
 # ------------------------------------------------------------------------------------------- job scripts
 def test_jobqueue_kwargs_map_gpus_per_scheduler(tmp_path):
     from wsi_haloae.cohort import jobqueue_kwargs

@@ -70,9 +70,13 @@ def to_html(rows: list[dict[str, Any]], out_dir: Path, title: str) -> str:
     cols = [("preview", False), ("id", False), ("status", False), ("score_max", True), ("score_p95", True),
             ("score_mean", True), ("anomalous_tiles", True), ("tiles", True), ("tissue_fraction", True), ("seconds", True), ("host", False),
             ("error", False)]
-    head = "".join(
-        f'<th data-sort data-num="{int(num)}">{html.escape(c.replace("_", " "))}</th>' if c != "preview" else "<th>preview</th>"
-        for c, num in cols)
+    def th(c: str, num: bool) -> str:
+        if c == "preview":
+            return "<th>preview</th>"
+        first = ' class="desc" data-dir="desc"' if c == "score_max" else ""  # the initial order, shown
+        return f'<th data-sort data-num="{int(num)}"{first}>{html.escape(c.replace("_", " "))}</th>'
+
+    head = "".join(th(c, num) for c, num in cols)
     body = []
     # highest maximum tile score first: the slides most worth a look come first
     order = sorted(rows, key=lambda r: (r.get("score_max") is None, -(r.get("score_max") or 0.0), r["id"]))
