@@ -154,3 +154,16 @@ def test_cli_errors_are_one_line(mvtec, tmp_path):
         r = runner.invoke(main, args)
         assert r.exit_code == 2 and r.stdout == ""
         assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, r.stderr
+
+
+def test_real_mvtec_bottle_layout(shared):
+    """The real MVTec AD bottle category (../shared) is read as its official split: 83 test images, 63 defective."""
+    from wsi_haloae.evaluate import find_test_set
+    from wsi_haloae.train.data import find_images, tile_root
+
+    bottle = shared("mvtec_ad", "bottle")
+    items = find_test_set(bottle)
+    assert len(items) == 83 and sum(it.anomalous for it in items) == 63
+    assert {it.defect for it in items} == {"good", "broken_large", "broken_small", "contamination"}
+    assert all(it.mask is not None and it.mask.is_file() for it in items if it.anomalous)
+    assert len(find_images(tile_root(bottle))) == 209
