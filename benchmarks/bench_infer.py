@@ -37,19 +37,23 @@ STAGES = [
     ("  post-process", "anomaly_map.py", "postprocess"),
     ("  hand to writer (queue full)", "engine.py", "put"),
     ("  drain writer at end", "engine.py", "close"),
+    ("new store", "writers.py", "open_new_store"),
+    ("chunk assembler set-up", "writers.py", "__init__"),  # ChunkAssembler is the only class there with one
     ("write tables", "engine.py", "_write_tables"),
     ("map pyramid", "writers.py", "build_pyramid"),
+    ("OME-NGFF metadata", "writers.py", "write_multiscales"),
     ("extras (tiff/geojson/preview)", "engine.py", "_write_extras"),
     ("finalize (marker + rename)", "writers.py", "finalize"),
 ]
 
 
-def stage_times(prof: cProfile.Profile) -> dict[str, float]:
+def stage_times(prof: cProfile.Profile, wall: float) -> dict[str, float]:
+    """Cumulative seconds per stage; "other" = wall minus the top-level stages (imports, checks, summary)."""
     st = pstats.Stats(prof).stats  # {(file, line, func): (cc, nc, tt, ct, callers)}
     out: dict[str, float] = {}
     for label, suffix, func in STAGES:
-        ct = sum(v[3] for k, v in st.items() if k[2] == func and k[0].endswith(suffix))
-        out[label] = ct
+        out[label] = sum(v[3] for k, v in st.items() if k[2] == func and k[0].endswith(suffix))
+    out["other (imports, checks, summary)"] = wall - sum(v for k, v in out.items() if not k.startswith(" "))
     return out
 
 
@@ -116,7 +120,7 @@ def run_once(slide: Path, model: Path, workdir: Path, workers: int, batch: int, 
         "writer_busy_s": busy.wall, "store_mb": _du(out) / 1e6,
     }
     if prof:
-        row["stages_s"] = stage_times(prof)
+        row["stages_s"] = stage_times(prof, s.seconds)
     shutil.rmtree(out, ignore_errors=True)
     return row
 

@@ -89,7 +89,7 @@ def plan(device: torch.device, quick: bool, presets: list[str] | None, batch_siz
         table = {"paper": ([32, 64, 128, 256], 128), "r31": ([128], 128), "tiny": ([256], 256)}
     else:
         # the paper preset on a handful of tiles only (about a second per tile on 2 cores)
-        table = {"tiny": ([1, 4, 8], 8), "r31": ([2], 2), "paper": ([1, 2], 2)}
+        table = {"tiny": ([1, 4, 8, 16, 32], 16), "r31": ([2], 2), "paper": ([1, 2], 2)}
     if presets:
         table = {p: table.get(p, ([2], 2)) for p in presets}
     base = dict(dtype="bf16", channels_last=True, compile=False) if cuda else dict(dtype="fp32", channels_last=False, compile=False)

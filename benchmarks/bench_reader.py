@@ -70,9 +70,12 @@ def drain(loader, count) -> tuple[int, float, float]:
     for batch in it:
         n += count(batch)
     wall = time.perf_counter() - t0
+    # persistent workers outlive the pass: stop and reap them now, so RUSAGE_CHILDREN holds their CPU time
+    shutdown = getattr(it, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()
     del it
     gc.collect()
-    time.sleep(0.2)  # let the workers exit and be reaped, so their CPU time is counted
     return n, wall, _cpu_all() - c0
 
 
