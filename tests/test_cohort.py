@@ -7,7 +7,6 @@ reason when `sinfo` cannot reach a controller.
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import os
 import shutil
@@ -22,9 +21,6 @@ from conftest import shared_path
 from wsi_haloae.config import CohortConfig
 from wsi_haloae.errors import BadInputError
 
-# until the inference engine has landed in this tree, runs skip (slide lists and job scripts do not need it)
-needs_engine = pytest.mark.skipif(importlib.util.find_spec("wsi_haloae.infer.engine") is None,
-                                  reason="wsi_haloae.infer.engine is not in this tree yet")
 CLI = [sys.executable, "-m", "wsi_haloae.cli", "cohort"]
 FAST = ["--device", "cpu", "--infer-workers", "0", "--batch-size", "8"]
 
@@ -180,7 +176,6 @@ def test_dry_run_prints_plan_and_slurm_script_without_running(tiny_model, slide_
 
 
 # ---------------------------------------------------------------------------------------- local cluster
-@needs_engine
 def test_local_cohort_records_failures_and_resumes(tiny_model, slide_dir, tmp_path):
     out = tmp_path / "out"
     p, _ = run_cli(slide_dir, "--model", tiny_model, "--out", out, "--jobs", "1", *FAST)
@@ -244,7 +239,6 @@ def _children(pid: int, marker: str) -> list[int]:
     return out
 
 
-@needs_engine
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc to find the worker process")
 def test_local_worker_killed_mid_run_is_restarted_and_slide_retried(tiny_model, slide_dir, tmp_path):
     out = tmp_path / "out"
@@ -304,7 +298,6 @@ def _our_jobs() -> list[str]:
 
 @pytest.mark.slurm
 @slurm
-@needs_engine
 def test_slurm_cohort_with_broken_slide_then_resume(tiny_model, slide_dir, tmp_path):
     broken = SHARED_BROKEN()
     rows = ["slide,id,mpp", f"{slide_dir / 'syn0.tif'},syn0,", f"{slide_dir / 'syn1.tif'},syn1,",
@@ -350,7 +343,6 @@ def SHARED_BROKEN() -> Path:
 
 @pytest.mark.slurm
 @slurm
-@needs_engine
 def test_slurm_job_cancelled_mid_run_is_replaced(tiny_model, slide_dir, tmp_path):
     """One job; scancel it after its first slide: the cohort must still finish every slide."""
     from wsi_haloae.slide.synthetic import write_synthetic_slide
