@@ -132,13 +132,13 @@ def _print_plan(cfg: CohortConfig, entries: list[SlideEntry], rows: dict[str, di
 
 
 def _task(e: SlideEntry, cfg: CohortConfig, out: Path, model: Path, sha: str, threads: int,
-          overwrite: bool) -> SlideTask:
+          overwrite: bool, echo: bool) -> SlideTask:
     return SlideTask(
         id=e.id, slide=str(e.path), out_dir=str(out), model=str(model), model_sha256=sha,
         mpp=e.mpp if e.mpp is not None else cfg.mpp, device=cfg.device, threads=threads,
         batch_size=cfg.batch_size, infer_workers=cfg.infer_workers, pixel_downsample=cfg.pixel_downsample,
         min_tissue=cfg.min_tissue, tiff=cfg.tiff, geojson=cfg.geojson, preview=cfg.preview,
-        overwrite=overwrite,
+        overwrite=overwrite, echo=echo,
     )
 
 
@@ -190,7 +190,7 @@ def _run_tasks(cfg: CohortConfig, todo: list[SlideEntry], redo: set[str], rows: 
                 slots = cl.slots()
                 while waiting and len(running) < max(1, slots):
                     e = waiting.popleft()
-                    t = _task(e, cfg, out, model, sha, cl.threads, e.id in redo)
+                    t = _task(e, cfg, out, model, sha, cl.threads, e.id in redo, echo=cl.kind != "local")
                     f = cl.client.submit(process_slide, t, key=f"slide-{e.id}-{run}", pure=False,
                                          resources={SLIDE_RESOURCE: 1} if cl.use_resources else None)
                     running[f] = e

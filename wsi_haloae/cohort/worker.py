@@ -15,6 +15,7 @@ import multiprocessing
 import os
 import re
 import socket
+import sys
 import threading
 import time
 import traceback
@@ -47,6 +48,7 @@ class SlideTask:
     geojson: bool
     preview: bool
     overwrite: bool = False
+    echo: bool = False  # print each slide's summary line on the worker's stderr (job logs), not on a local console
 
 
 def output_paths(out_dir: Path, sid: str, tiff: bool, geojson: bool, preview: bool) -> dict[str, Path | None]:
@@ -203,7 +205,8 @@ def process_slide(task: SlideTask) -> dict[str, Any]:
         )
         with contextlib.redirect_stderr(io.StringIO()) as said:
             run_infer(cfg, loaded=loaded)  # its one-line summary goes to the worker log, not the cohort's bar
-        log.info("%s", said.getvalue().strip())
+        if task.echo:  # batch jobs: the engine's summary line goes to the job's log
+            print(said.getvalue().strip(), file=sys.__stderr__, flush=True)
         row.update(slide_stats(paths["zarr"]))
         row["status"] = "done"
     except Exception as exc:  # noqa: BLE001 - every failure is this slide's, recorded, never raised
