@@ -58,27 +58,35 @@ OFFSET = (640, 1280)
 
 
 def tissue_slide(size: int, workdir: Path) -> tuple[Path, str]:
-    """A size x size slide of real H&E tissue: CMU-1-Small-Region.svs (2220x2967, Aperio, 0.499 µm/px)
-    mirror-tiled over the plane, JPEG-compressed. Falls back to the synthetic IHC slide (islands of real
-    tissue, ~35 % of the area) when ../shared/data is absent. Returns (path, source description)."""
+    """A size x size slide of real tissue, mirror-tiled over the plane and JPEG-compressed.
+
+    Source: CMU-1-Small-Region.svs (2220x2967 Aperio H&E, 0.499 µm/px) from ../shared/data; when that is absent,
+    scikit-image's real IHC image (512x512, taken to be 0.5 µm/px) -- then every tile is tissue. Writing is pure
+    indexing per tile (no rendering), so even a 24k x 24k slide takes seconds. Returns (path, source description).
+    """
     src = shared_file(*CMU_SMALL)
     if src is None:
-        from wsi_haloae.slide.synthetic import write_synthetic_slide
+        from skimage import data
 
-        path = workdir / f"synthetic-{size}.tif"
-        if not path.is_file():
-            write_synthetic_slide(path, width=size, height=size, mpp=0.5)
-        return path, "synthetic (wsi_haloae.slide.synthetic; ../shared/data absent)"
-    path = workdir / f"cmu1-mirror-{size}-o{OFFSET[0]}x{OFFSET[1]}.tif"
+        name, mpp = "skimage-ihc", 0.5
+        base = np.ascontiguousarray(np.asarray(data.immunohistochemistry(), dtype=np.uint8)[..., :3])
+        off = (0, 0)
+    else:
+        name, off = src.name, OFFSET
+    path = workdir / f"{Path(name).stem}-mirror-{size}-o{off[0]}x{off[1]}.tif"
+    desc = f"{name} mirror-tiled to {size}x{size}"
     if path.is_file():
-        return path, f"{src.name} mirror-tiled to {size}x{size}"
-    import openslide
+        return path, desc
     from PIL import Image
 
-    with openslide.OpenSlide(str(src)) as osr:
-        w, h = osr.dimensions
-        base = np.asarray(osr.read_region((0, 0), 0, (w, h)).convert("RGB"))
-        mpp = float(osr.properties.get("openslide.mpp-x", 0.5))
+    if src is not None:
+        import openslide
+
+        with openslide.OpenSlide(str(src)) as osr:
+            w, h = osr.dimensions
+            base = np.asarray(osr.read_region((0, 0), 0, (w, h)).convert("RGB"))
+            mpp = float(osr.properties.get("openslide.mpp-x", 0.5))
+    h, w = base.shape[:2]
     # per level, the source downsampled once (Lanczos); each level mirror-tiles its own copy
     srcs: dict[int, np.ndarray] = {}
 
@@ -95,8 +103,8 @@ def tissue_slide(size: int, workdir: Path) -> tuple[Path, str]:
     def tile_fn(x0: int, y0: int, ds: int) -> np.ndarray:
         s = source(ds)
         sh, sw = s.shape[:2]
-        ix = mirror((x0 + OFFSET[0]) // ds + np.arange(TILE), sw)
-        iy = mirror((y0 + OFFSET[1]) // ds + np.arange(TILE), sh)
+        ix = mirror((x0 + off[0]) // ds + np.arange(TILE), sw)
+        iy = mirror((y0 + off[1]) // ds + np.arange(TILE), sh)
         t = s[iy[:, None], ix[None, :]]
         # outside the slide (right/bottom edge tiles): white, as a scanner writes
         vx = (x0 + np.arange(TILE) * ds) < size
@@ -105,8 +113,8 @@ def tissue_slide(size: int, workdir: Path) -> tuple[Path, str]:
         t[:, ~vx] = 255
         return t
 
-    _write_pyramid(path, size, size, mpp, tile_fn, "jpeg", f"wsi-haloae benchmark: {src.name} mirror-tiled; mpp={mpp}")
-    return path, f"{src.name} mirror-tiled to {size}x{size}"
+    _write_pyramid(path, size, size, mpp, tile_fn, "jpeg", f"wsi-haloae benchmark: {name} mirror-tiled; mpp={mpp}")
+    return path, desc
 
 
 #: island centres as fractions of the slide side: spread out so the grid, the mask and the map span the slide

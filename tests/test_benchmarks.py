@@ -18,9 +18,15 @@ REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "benchmarks"
 
 
-def run_bench(name: str, tmp_path: Path, *extra: str) -> dict:
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    """One work folder for the module: the benchmark slides and model files are made once."""
+    return tmp_path_factory.mktemp("bench-work")
+
+
+def run_bench(name: str, tmp_path: Path, *extra: str, workdir: Path | None = None) -> dict:
     out = tmp_path / f"{name}.json"
-    env = dict(os.environ, WSI_HALOAE_BENCH_DIR=str(tmp_path / "work"), PYTHONUNBUFFERED="1")
+    env = dict(os.environ, WSI_HALOAE_BENCH_DIR=str(workdir or tmp_path / "work"), PYTHONUNBUFFERED="1")
     cmd = [sys.executable, str(BENCH / f"{name}.py"), "--quick", "--device", "cpu", "--out", str(out), *extra]
     p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
@@ -48,8 +54,8 @@ def test_bench_model_quick(tmp_path):
     assert res["matmul_peak_flops"]["fp32"] > 0
 
 
-def test_bench_infer_quick(tmp_path):
-    res = run_bench("bench_infer", tmp_path, "--workdir", str(tmp_path / "work"))
+def test_bench_infer_quick(tmp_path, workdir):
+    res = run_bench("bench_infer", tmp_path, "--workdir", str(workdir), workdir=workdir)
     (r,) = res["rows"]
     assert r["tiles"] > 0 and r["tiles"] <= r["grid"]
     assert 0 < r["model_seconds"] <= r["seconds"]
@@ -59,8 +65,8 @@ def test_bench_infer_quick(tmp_path):
     assert r["store_mb"] > 0
 
 
-def test_bench_memory_quick(tmp_path):
-    res = run_bench("bench_memory", tmp_path, "--workdir", str(tmp_path / "work"))
+def test_bench_memory_quick(tmp_path, workdir):
+    res = run_bench("bench_memory", tmp_path, "--workdir", str(workdir), workdir=workdir)
     rows = res["rows"]
     assert [r["size"] for r in rows] == [1024, 2048]
     # the same islands in both slides: same tissue tile count whatever the area
@@ -71,8 +77,8 @@ def test_bench_memory_quick(tmp_path):
     assert set(res["target"]) == {"max_ratio", "ratio", "holds"}
 
 
-def test_bench_reader_quick(tmp_path):
-    res = run_bench("bench_reader", tmp_path, "--workdir", str(tmp_path / "work"))
+def test_bench_reader_quick(tmp_path, workdir):
+    res = run_bench("bench_reader", tmp_path, "--workdir", str(workdir), workdir=workdir)
     modes = {(r["mode"], r["workers"]) for r in res["rows"]}
     assert ("TileDataset.read_tile", 0) in modes and ("TileDataset.read_tile", 1) in modes
     n = res["slide"]["tissue_tiles"]
@@ -80,8 +86,8 @@ def test_bench_reader_quick(tmp_path):
         assert r["tiles"] == n and r["tiles_per_s"] > 0 and r["cpu_ms_per_tile"] > 0
 
 
-def test_bench_train_quick(tmp_path):
-    res = run_bench("bench_train", tmp_path, "--workdir", str(tmp_path / "work"))
+def test_bench_train_quick(tmp_path, workdir):
+    res = run_bench("bench_train", tmp_path, "--workdir", str(workdir), workdir=workdir)
     (r,) = res["rows"]
     assert r["preset"] == "tiny" and r["steps"] == 1 and r["images_per_step"] == 3
     assert r["images_per_s"] > 0
