@@ -132,16 +132,23 @@ def start(name: str, args: argparse.Namespace) -> dict[str, Any]:
             "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, "rows": []}
 
 
-def finish(result: dict[str, Any], args: argparse.Namespace, t0: float) -> Path:
-    """Add the closing facts and write the JSON atomically; returns its path."""
-    result["machine"]["loadavg_end"] = loadavg()
-    result["wall_s"] = round(time.perf_counter() - t0, 2)
+def save(result: dict[str, Any], args: argparse.Namespace) -> Path:
+    """Write the JSON atomically (also mid-run, so a run stopped by a time limit keeps its rows)."""
     out = args.out or (REPO / "benchmarks" / "results" / f"{result['benchmark']}{'-quick' if args.quick else ''}.json")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(result, indent=2, default=str) + "\n")
     os.replace(tmp, out)
+    return out
+
+
+def finish(result: dict[str, Any], args: argparse.Namespace, t0: float) -> Path:
+    """Add the closing facts and write the JSON; returns its path."""
+    result["machine"]["loadavg_end"] = loadavg()
+    result["wall_s"] = round(time.perf_counter() - t0, 2)
+    result["complete"] = True
+    out = save(result, args)
     la = result["machine"]["loadavg_end"]
     print(f"# wrote {out}  ({result['wall_s']} s; load at end {la})", flush=True)
     return out

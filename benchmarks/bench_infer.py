@@ -159,6 +159,7 @@ def main() -> None:
     for w in workers:
         row = run_once(slide, model, args.workdir, w, batch, str(device), args.mpp, args.extras, not args.no_profile)
         result["rows"].append(row)
+        _common.save(result, args)
         if "stages_s" in row:
             print(f"## stage profile, workers={w} (main thread, cumulative seconds; writer thread busy "
                   f"{row['writer_busy_s']:.2f} s; reader workers CPU {row['reader_workers_cpu_s']:.2f} s)")

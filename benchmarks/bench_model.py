@@ -103,14 +103,18 @@ def plan(device: torch.device, quick: bool, presets: list[str] | None, batch_siz
                dict(dtype="bf16", channels_last=True, compile=False)])
     if quick:
         levers = [dict(dtype="bf16", channels_last=True, compile=False)]
-    out = []
+    out, last = [], []
     for k, (preset, (sizes, lever_bs)) in enumerate(table.items()):
+        lbs = lever_bs if not batch_sizes else max(batch_sizes)
         for bs in batch_sizes or sizes:
             out.append(dict(preset=preset, batch=bs, kind="sweep", **base))
-        # torch.compile costs a minute per model: only the first preset (paper on CUDA)
-        for lv in levers + ([dict(base, compile=True)] if compile_ and k == 0 else []):
-            out.append(dict(preset=preset, batch=lever_bs if not batch_sizes else max(batch_sizes), kind="lever", **lv))
-    return out
+        for lv in levers:
+            out.append(dict(preset=preset, batch=lbs, kind="lever", **lv))
+        # torch.compile costs a minute or more per model: only the first preset, and last of all, so that a
+        # time limit (gpu_check.sh) loses nothing else; never in --quick
+        if compile_ and k == 0 and not quick:
+            last.append(dict(preset=preset, batch=lbs, kind="lever", **dict(base, channels_last=True, compile=True)))
+    return out + last
 
 
 def main() -> None:
@@ -152,6 +156,7 @@ def main() -> None:
         if preset not in models:
             models = {preset: build_model(preset, backbone_weights="random").eval().to(device)}
             flops[preset] = flops_per_tile(preset)
+            result["flops_per_tile"] = flops
         model = models[preset]
         cl = cfgrow["channels_last"]
         model = model.to(memory_format=torch.channels_last if cl else torch.contiguous_format)
@@ -160,8 +165,12 @@ def main() -> None:
             x = x.contiguous(memory_format=torch.channels_last)
         bf16 = cfgrow["dtype"] == "bf16"
 
-        def run(inp, _m=model, _bf16=bf16):
-            with torch.inference_mode(), torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=_bf16):
+        # torch.compile cannot trace under inference_mode here ("Cannot set version_counter for inference
+        # tensor" in halo attention's `rel_height.to(dtype).t()`): compiled runs use no_grad instead
+        grad_off = torch.no_grad if cfgrow["compile"] else torch.inference_mode
+
+        def run(inp, _m=model, _bf16=bf16, _off=grad_off):
+            with _off(), torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=_bf16):
                 return _m.anomaly_map(inp)
 
         fn = torch.compile(run, dynamic=False) if cfgrow["compile"] else run
@@ -170,9 +179,11 @@ def main() -> None:
             per_batch, iters, cpu_per_batch, first = time_fn(fn, x, device, 1 if args.quick else 2, min_s, max_s,
                                                              warmup=2 if cfgrow["compile"] else 1)
         except Exception as exc:  # noqa: BLE001 - a lever that does not run here is a result too
-            row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+            lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+            row["error"] = f"{type(exc).__name__}: {' | '.join(lines[:3])[:400]}"
             print(f"# {preset} {cfgrow}: failed: {row['error']}", flush=True)
             result["rows"].append(row)
+            _common.save(result, args)
             continue
         b = cfgrow["batch"]
         tps = b / per_batch
@@ -186,6 +197,7 @@ def main() -> None:
             row["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
             torch.cuda.reset_peak_memory_stats(device)
         result["rows"].append(row)
+        _common.save(result, args)  # partial results survive a time limit
         print(f"  {preset:6s} {cfgrow['kind']:5s} bs {b:4d} {cfgrow['dtype']} cl={int(cl)} compile={int(cfgrow['compile'])}: "
               f"{tps:8.2f} tiles/s, {fl / 1e12:.3f} TFLOP/s", flush=True)
     result["flops_per_tile"] = flops

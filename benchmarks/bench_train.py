@@ -109,6 +109,7 @@ def main() -> None:
             row["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
             torch.cuda.reset_peak_memory_stats(device)
         result["rows"].append(row)
+        _common.save(result, args)
         print(f"  {preset}: {row['images_per_s']:.2f} images/s ({row['s_per_step']:.2f} s/step of {3 * batch} images)", flush=True)
         del loader, model, opt
     _common.print_table(result["rows"], ["preset", "batch_originals", "images_per_step", "steps", "s_per_step",
