@@ -136,11 +136,12 @@ def infer(**kw) -> None:
 @main.command()
 @click.option("--out", default="wsi-haloae-demo", show_default=True, type=click.Path(path_type=Path))
 @click.option("--device", default="auto", type=DEVICE, show_default=True)
-def demo(out: Path, device: str) -> None:
+@click.option("--backbone-weights", type=click.Path(path_type=Path), help="A VGG19 state dict file (default: ImageNet from the TORCH_HOME cache, else random).")
+def demo(out: Path, device: str, backbone_weights: Path | None) -> None:
     """Run the whole flow offline on an embedded default slide (a few minutes on 2 CPU cores)."""
     from .demo import run_demo
 
-    _run(run_demo, out=out, device=device)
+    _run(run_demo, out=out, device=device, backbone_weights=backbone_weights)
 
 
 @main.command()
