@@ -124,7 +124,8 @@ ISLAND_FRACTIONS = ((0.15, 0.2), (0.8, 0.15), (0.5, 0.5), (0.2, 0.85), (0.85, 0.
 def island_slide(size: int, workdir: Path, radius: int = 450, mpp: float = 0.5) -> Path:
     """A size x size slide of glass (absent tiles) with the same five tissue islands of ``radius`` px whatever
     the size: tissue tile count stays constant while the slide area grows. Tissue tiles are stored
-    uncompressed, background tiles not at all (sparse), so even 100k x 100k stays a few MB on disk."""
+    uncompressed, background tiles not at all (sparse), so even 100k x 100k stays under 50 MB on disk
+    (dense, it would be 30 GB)."""
     from wsi_haloae.slide.synthetic import Disc, SyntheticSlideSpec, render_region
 
     path = workdir / f"islands-{size}-r{radius}-c.tif"

@@ -2,8 +2,8 @@
 
 Each slide holds the same five small tissue islands on glass, so the tissue tile count (and the run time)
 stays the same while the area grows 100x: any growth of the peak RSS is memory that follows slide area,
-which the pipeline must not have. Slides are written sparsely (background tiles absent), so 100k² stays a
-few MB on disk. RSS is polled with psutil (main process, and main + reader workers) and cross-checked with
+which the pipeline must not have. Slides are written sparsely (background tiles absent), so 100k² stays
+under 50 MB on disk. RSS is polled with psutil (main process, and main + reader workers) and cross-checked with
 the exact ``ru_maxrss`` from wait4; on CUDA the GPU memory in use is polled with nvidia-smi.
 
     python benchmarks/bench_memory.py [--quick] [--out results.json] [--sizes 10000,40000,100000]
