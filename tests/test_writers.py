@@ -222,3 +222,25 @@ def test_unwritable_output_is_a_one_line_error(tmp_path):
     with pytest.raises(OutputError):
         write_geojson(blocker / "t.geojson", np.array([0]), np.array([0]), 1.0, 1.0, np.array([1.0]), np.array([1.0]),
                       threshold=None)
+
+
+def test_pyramid_skips_absent_chunks_with_the_same_result(tmp_path):
+    rng = np.random.default_rng(2)
+    H, W = 2600, 3100
+    data = np.full((H, W), np.nan, np.float32)
+    data[100:700, 2000:2900] = rng.random((600, 900))  # one tissue island: most chunks stay absent
+    full = writers.open_new_store(tmp_path / "full.zarr")
+    writers.create_map_level(full, "0", (H, W))[:] = data
+    n_full = writers.build_pyramid(full)
+    fast = writers.open_new_store(tmp_path / "fast.zarr")
+    a = writers.create_map_level(fast, "0", (H, W))
+    a[:] = data
+    ch = writers.CHUNK
+    written = {(cy, cx) for cy in range(-(-H // ch)) for cx in range(-(-W // ch))
+               if not np.isnan(data[cy * ch:(cy + 1) * ch, cx * ch:(cx + 1) * ch]).all()}
+    assert len(written) < 12
+    assert writers.build_pyramid(fast, written=written) == n_full == 5
+    for k in range(1, n_full):
+        np.testing.assert_array_equal(fast[str(k)][:], full[str(k)][:])
+        assert fast[str(k)].nchunks_initialized == full[str(k)].nchunks_initialized
+    assert fast["1"].nchunks_initialized < fast["1"].nchunks  # empty regions stay absent (NaN) down the pyramid
