@@ -281,3 +281,31 @@ def test_cli_error_is_one_line(tmp_path):
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "model file" in lines[0]
     assert not (tmp_path / "o.zarr").exists()
+
+
+def test_slide_with_bounds_offset(synthetic_slide, tmp_path):
+    """A MIRAX-like slide whose non-empty region starts at (bounds-x, bounds-y): the map covers the bounds
+    region from its origin, tiles land at (level-0 − origin) / 4, and GeoJSON is in QuPath's cropped frame."""
+    from wsi_haloae.slide.reader import open_slide
+
+    slide = tmp_path / "bounded.tif"
+    shutil.copy(synthetic_slide, slide)  # its own path: its own cached reader, patched below
+    r = open_slide(slide)
+    r.properties.update({"openslide.bounds-x": "100", "openslide.bounds-y": "60",
+                         "openslide.bounds-width": "1800", "openslide.bounds-height": "1900"})
+    r.bounds = r._bounds()
+    assert r.bounds == (100, 60, 1800, 1900)
+    cfg = cfg_for(slide, tmp_path, geojson=tmp_path / "t.geojson", workers=0)  # workers=0: this process's reader
+    run_infer(cfg, loaded=probe())
+    g = writers.open_store(cfg.out)
+    m = g["0"][:]
+    assert m.shape == (475, 450)
+    a = writers.read_attrs(cfg.out)
+    assert a["map"]["origin_level0"] == [100.0, 60.0] and a["geojson"]["offset"] == [100, 60]
+    xy, rc = g["tiles/xy"][:], g["tiles/rc"][:]
+    assert (xy[:, 0] == 100 + rc[:, 1] * 256).all() and (xy[:, 1] == 60 + rc[:, 0] * 256).all()
+    (x, y), (row, col) = xy[0], rc[0]
+    np.testing.assert_allclose(m[row * 64:(row + 1) * 64, col * 64:(col + 1) * 64],
+                               expected_block(r, x, y, 0.5, 4), rtol=1e-5, atol=1e-6)
+    feats = json.loads((tmp_path / "t.geojson").read_text())["features"]
+    assert feats[0]["geometry"]["coordinates"][0][0] == [int(x) - 100, int(y) - 60]
