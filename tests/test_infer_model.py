@@ -109,7 +109,8 @@ def test_kill_9_at_any_point_then_rerun_gives_the_uninterrupted_result(small_sli
     np.testing.assert_array_equal(g["tiles/xy"][:], ref_g["tiles/xy"][:])
     np.testing.assert_allclose(g["tiles/score_mean"][:], ref_g["tiles/score_mean"][:], rtol=1e-4)
     assert out.with_suffix(".ome.tif").is_file() and out.with_suffix(".geojson").is_file()
-    assert "tiles/s" in p.stderr.strip().splitlines()[-1]  # the summary line
+    assert "tiles/s" in p.stderr.strip().splitlines()[-1]  # the summary line, on stderr
+    assert p.stdout == ""  # results go to files, nothing to stdout
     # and a second rerun leaves the complete output alone
     p2 = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert p2.returncode == 0 and "already complete" in p2.stderr
