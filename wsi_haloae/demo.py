@@ -98,6 +98,10 @@ def _check(spec: SyntheticSlideSpec, out_zarr: Path) -> dict[str, Any]:
     if lab.any() and (~lab).any():
         res.update(mean_anomalous=float(s[lab].mean()), mean_normal=float(s[~lab].mean()), auroc=_auroc(s, lab))
         res["anomaly_scored_higher"] = bool(res["mean_anomalous"] > res["mean_normal"])
+    thr = read_attrs(out_zarr)["threshold"]["value"]
+    if thr is not None:
+        flagged = s > thr
+        res.update(classified_anomalous=int(flagged.sum()), classified_on_anomaly=int((flagged & (frac[ok] > 0)).sum()))
     return res
 
 
@@ -171,6 +175,9 @@ def _print_report(result: dict[str, Any], outputs: dict[str, str], backbone_note
                         "; the demo trains for a minute or two, a real model for hours")
     else:
         verdict = "no comparison possible (no scored tile on one side)"
+    if "classified_anomalous" in c:
+        verdict += (f". {c['classified_anomalous']} tile(s) are classified 'Anomalous' in the GeoJSON, "
+                    f"{c['classified_on_anomaly']} of them touching the planted anomaly")
     lines = [
         "",
         f"wsi-haloae demo finished in {result['seconds']:.0f} s. Everything is in {result['out']}/:",
