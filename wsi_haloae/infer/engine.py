@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime as _dt
 import logging
 import math
+import multiprocessing
 import queue
 import shutil
 import sys
@@ -306,8 +307,11 @@ def _run_tiles(cfg: InferConfig, loaded, device: torch.device, grid, target: flo
     model = model.to(memory_format=torch.channels_last)
     max_failed = int(math.floor(cfg.max_failed_fraction * n))
     ds = TileDataset(cfg.slide, grid.xs, grid.ys, mcfg.tile_size, target)
-    loader = make_loader(ds, cfg.batch_size, min(cfg.workers, max(0, n // cfg.batch_size)) if cfg.workers else 0,
-                         pin_memory=cuda)
+    workers = min(cfg.workers, n // cfg.batch_size)  # a slide of one batch is read faster in-process
+    if workers and multiprocessing.current_process().daemon:
+        log.warning("%s: running in a daemonic process, which cannot start tile readers: reading in-process", cfg.slide)
+        workers = 0
+    loader = make_loader(ds, cfg.batch_size, workers, pin_memory=cuda)
     writer = _Writer(assembler)
     writer.start()
     model_s = 0.0
