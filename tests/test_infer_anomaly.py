@@ -15,7 +15,6 @@ skips without them.
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import torch
 
 from conftest import shared_path
