@@ -309,3 +309,12 @@ def test_slide_with_bounds_offset(synthetic_slide, tmp_path):
                                expected_block(r, x, y, 0.5, 4), rtol=1e-5, atol=1e-6)
     feats = json.loads((tmp_path / "t.geojson").read_text())["features"]
     assert feats[0]["geometry"]["coordinates"][0][0] == [int(x) - 100, int(y) - 60]
+
+
+def test_pixel_downsample_must_tile_the_map(synthetic_slide, tmp_path):
+    from wsi_haloae.errors import BadInputError
+
+    for d in (3, 512):
+        with pytest.raises(BadInputError, match="pixel-downsample"):
+            run_infer(cfg_for(synthetic_slide, tmp_path, pixel_downsample=d), loaded=probe())
+    assert not (tmp_path / "o.zarr").exists()
