@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 #: File endings read as tiles (case-insensitive).
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 TILE_SIZE = 256
+#: Sub-folder of QC images written by ``wsi-haloae tiles`` (``wsi_haloae.slide.tiles.THUMBNAILS``).
+QC_FOLDER = "thumbnails"
 #: Above this many bytes of decoded tiles, read them from disk on every use instead of keeping them in memory.
 CACHE_LIMIT_BYTES = 2 << 30
 
@@ -44,8 +46,19 @@ def tile_root(folder: Path) -> Path:
 
 
 def find_images(folder: Path) -> list[Path]:
-    """All image files under ``folder`` at any depth, sorted so that runs are reproducible."""
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    """All image files under ``folder`` at any depth, sorted so that runs are reproducible.
+
+    ``thumbnails/`` folders hold the QC pictures ``wsi-haloae tiles`` writes beside its tiles: they are not
+    tiles, and training on a whole-slide thumbnail would teach the model a wrong "normal".
+    """
+    files = sorted(
+        p
+        for p in folder.rglob("*")
+        if p.suffix.lower() in IMAGE_SUFFIXES
+        and p.is_file()
+        and QC_FOLDER not in p.relative_to(folder).parts[:-1]
+        and not p.name.endswith(".part")
+    )
     if not files:
         raise BadTilesError(f"{folder}: no image files ({', '.join(IMAGE_SUFFIXES)}) found")
     return files
