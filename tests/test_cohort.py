@@ -131,7 +131,7 @@ def test_report_escapes_sorts_and_keeps_columns(tmp_path):
     assert "x&lt;1&gt;" in page and "&lt;bad&gt; &amp; worse" in page and "<bad>" not in page
     assert page.index('data-v="hot"') < page.index('data-v="cold"') < page.index('data-v="x&lt;1&gt;"')
     assert 'src="hot.png"' in page and 'src="cold.png"' not in page  # only previews that exist
-    assert not list(tmp_path.glob(".*.tmp"))  # written through temp names
+    assert not list(tmp_path.glob(".*.part"))  # written through temp names
 
 
 # ------------------------------------------------------------------------------------------- job scripts

@@ -12,7 +12,6 @@ from __future__ import annotations
 import html
 import json
 import logging
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from .errors import BadInputError, BadTilesError, OutputError
+from .fileio import write_text_atomic
 from .metrics import PixelScores, image_auroc
 from .train.data import IMAGE_SUFFIXES, TILE_SIZE, read_rgb, resize_rgb, to_tensor
 
@@ -241,7 +241,5 @@ Sorted by image score (mean of the post-processed map), highest first.</p>
 {body}
 </table></body></html>
 """
-    tmp = out / f".index.html.tmp-{os.getpid()}"
-    tmp.write_text(page)
-    os.replace(tmp, out / "index.html")
+    write_text_atomic(out / "index.html", page)
     log.info("report: %s", out / "index.html")

@@ -10,18 +10,13 @@ import csv
 import html
 import io
 import json
-import os
 from pathlib import Path
 from typing import Any
 
+from ..fileio import write_text_atomic
+
 COLUMNS = ["id", "path", "status", "error", "tiles", "tissue_fraction", "score_mean", "score_p95", "score_max",
            "anomalous_tiles", "seconds", "host", "worker"]
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _fmt(v: Any) -> str:
@@ -109,6 +104,6 @@ def to_html(rows: list[dict[str, Any]], out_dir: Path, title: str) -> str:
 
 def write_reports(out_dir: Path, rows: list[dict[str, Any]], meta: dict[str, Any]) -> None:
     """cohort.csv, cohort.json (rows + run metadata) and index.html, each replaced atomically."""
-    _atomic_write(out_dir / "cohort.csv", to_csv(rows))
-    _atomic_write(out_dir / "cohort.json", json.dumps({"cohort": meta, "slides": rows}, indent=1, default=str))
-    _atomic_write(out_dir / "index.html", to_html(rows, out_dir, f"wsi-haloae cohort: {out_dir.name}"))
+    write_text_atomic(out_dir / "cohort.csv", to_csv(rows))
+    write_text_atomic(out_dir / "cohort.json", json.dumps({"cohort": meta, "slides": rows}, indent=1, default=str))
+    write_text_atomic(out_dir / "index.html", to_html(rows, out_dir, f"wsi-haloae cohort: {out_dir.name}"))

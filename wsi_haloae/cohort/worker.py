@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..fileio import write_text_atomic
+
 log = logging.getLogger(__name__)
 
 RECORD_DIR = ".cohort"  # DIR/.cohort/<id>.json: the row of a finished slide, reused when it is skipped later
@@ -168,9 +170,7 @@ def slide_stats(out_zarr: Path) -> dict[str, Any]:
 
 def _write_record(path: Path, row: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(row, indent=1))
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(row, indent=1))
 
 
 def process_slide(task: SlideTask) -> dict[str, Any]:

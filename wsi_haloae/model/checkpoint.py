@@ -21,6 +21,7 @@ import torch
 from .. import __version__
 from ..config import ModelConfig
 from ..errors import BadModelFileError, OutputError, UserError
+from ..fileio import atomic_output
 from .features import file_sha256, tensors_sha256
 from .haloae import HaloAE
 
@@ -65,16 +66,12 @@ def save_model(path: str | os.PathLike, model: HaloAE, mean_map: torch.Tensor, m
     }
     if path.is_dir():
         raise OutputError(f"model file {path}: is a directory")
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, str(tmp), metadata=header)
-        os.replace(tmp, path)
+        with atomic_output(path) as tmp:
+            save_file(tensors, str(tmp), metadata=header)
     except OSError as exc:
         raise OutputError(f"model file {path}: cannot write ({exc.strerror or exc})") from None
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return path
 
 

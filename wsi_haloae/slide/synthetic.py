@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..fileio import atomic_output
+
 GLASS = np.array([242, 240, 244], dtype=np.uint8)
 
 
@@ -146,8 +148,7 @@ def write_synthetic_slide(path: str | Path, spec: SyntheticSlideSpec | None = No
 
     res_cm = 1e4 / spec.mpp  # pixels per centimetre
     comp = None if spec.compression in (None, "none") else spec.compression
-    tmp = path.with_name(path.name + ".part")
-    with tifffile.TiffWriter(tmp, bigtiff=spec.width * spec.height * 3 > 2**31) as tw:
+    with atomic_output(path) as tmp, tifffile.TiffWriter(tmp, bigtiff=spec.width * spec.height * 3 > 2**31) as tw:
         for i, (lw, lh, ds) in enumerate(levels):
             tw.write(
                 tiles(lw, lh, ds),
@@ -162,7 +163,6 @@ def write_synthetic_slide(path: str | Path, spec: SyntheticSlideSpec | None = No
                 description=f"wsi-haloae synthetic slide; mpp={spec.mpp}" if i == 0 else None,
                 metadata=None,
             )
-    tmp.replace(path)
     return path
 
 

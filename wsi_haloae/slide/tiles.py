@@ -29,6 +29,7 @@ from PIL import Image, ImageDraw
 
 from ..config import TilesConfig
 from ..errors import BadInputError, BadSlideError, OutputError
+from ..fileio import atomic_output
 from .grid import TileGrid, build_grid
 from .reader import SlideReader, TileReadError, open_slide
 
@@ -75,17 +76,12 @@ def tile_name(stem: str, x: int, y: int, fmt: str) -> str:
 
 
 def _save_atomic(img: np.ndarray, final: Path, fmt: str) -> None:
-    tmp = final.with_name(f".{final.name}.{os.getpid()}.part")
-    try:
+    with atomic_output(final) as tmp:
         im = Image.fromarray(img)
         if fmt == "png":
             im.save(tmp, format="PNG", compress_level=PNG_COMPRESS)
         else:
             im.save(tmp, format="JPEG", quality=JPEG_QUALITY)
-        os.replace(tmp, final)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _write_chunk(slide: str, mpp: float | None, size: int, fmt: str, items: list[tuple[int, int, str]]) -> tuple[int, list[str]]:
@@ -132,13 +128,11 @@ def _write_manifest(out: Path, slide_key: str, rows: list[dict]) -> Path:
                 keep = [r for r in rd if r.get("slide") != slide_key]
         except (OSError, csv.Error, UnicodeDecodeError) as exc:
             raise OutputError(f"{path}: exists but cannot be read ({exc})") from None
-    tmp = path.with_name(f".{MANIFEST}.{os.getpid()}.part")
-    with tmp.open("w", newline="") as f:
+    with atomic_output(path) as tmp, tmp.open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
         w.writeheader()
         w.writerows(keep)
         w.writerows(rows)
-    os.replace(tmp, path)
     return path
 
 
@@ -153,9 +147,8 @@ def draw_thumbnail(grid: TileGrid, path: Path, ok: np.ndarray | None = None) -> 
     for i, (x, y) in enumerate(zip(grid.xs.tolist(), grid.ys.tolist())):
         colour = (0, 170, 0) if ok is None or ok[i] else (220, 0, 0)
         d.rectangle([x * k, y * k, (x + grid.level0_tile) * k - 1, (y + grid.level0_tile) * k - 1], outline=colour, width=1)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
-    img.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic_output(path) as tmp:
+        img.save(tmp, format="PNG")
     return path
 
 

@@ -30,6 +30,7 @@ from tqdm import tqdm
 from .. import __version__
 from ..config import TrainConfig
 from ..errors import BadInputError, OutputError
+from ..fileio import atomic_output, write_text_atomic
 from .data import CutPasteDataset, EpochSampler, PlainTiles, TileSet, load_tiles, training_mpp
 from .ews import weights_for
 from .losses import reconstruction_loss
@@ -95,12 +96,8 @@ def _write_resume(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer
             tensors[f"rng.cuda.{i}"] = s
     groups = [{k: v for k, v in g.items() if k != "params"} for g in sd["param_groups"]]
     meta = dict(info, format=RESUME_FORMAT, param_groups=groups, version=__version__)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_output(path) as tmp:
         save_file(tensors, str(tmp), metadata={"resume": json.dumps(meta)})
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _read_resume(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -222,9 +219,7 @@ def _write_metrics(path: Path, keep_before: int | None) -> None:
                     lines.append(line)
             except (ValueError, KeyError, TypeError):
                 continue
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text("".join(line + "\n" for line in lines))
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(line + "\n" for line in lines))
 
 
 def run_train(cfg: TrainConfig) -> Path:
