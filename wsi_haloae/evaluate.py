@@ -107,7 +107,7 @@ def run_evaluate(
 ) -> dict[str, Any]:
     """Evaluate a model file on an MVTec-layout folder; prints JSON or a table on stdout and returns the figures."""
     from .model import load_model, postprocess, tile_scores
-    from .train.trainer import resolve_device
+    from .model.device import resolve_device
 
     dev = resolve_device(device)
     items = find_test_set(Path(data))

@@ -1,15 +1,21 @@
-"""Atomic file output shared by every command.
+"""Safe file output shared by every command: atomic writes, output-vs-input guards, one writer per output.
 
 A killed or failed write must never leave a complete-looking file under its final name: outputs are written
 to a temp name beside the final one (same folder, so the rename is atomic) and renamed only once whole.
+An output must never overwrite or delete an input (a slide, a model, a tile folder), and two runs must never
+write the same output at once: ``guard_outputs`` and ``output_lock`` check both before any work starts.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+
+from .errors import OutputError
 
 
 def temp_name(path: Path) -> Path:
@@ -18,17 +24,155 @@ def temp_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.part")
 
 
+def os_reason(exc: BaseException) -> str:
+    """The reason of an OSError as a user reads it: ``No space left on device``, ``Permission denied``."""
+    if isinstance(exc, OSError):
+        return exc.strerror or (os.strerror(exc.errno) if exc.errno else "") or str(exc) or type(exc).__name__
+    return str(exc) or type(exc).__name__
+
+
+def write_error(path: Path, what: str, exc: BaseException) -> OutputError:
+    """One-line ``OutputError`` for a failed write: ``PATH: cannot write WHAT (No space left on device)``."""
+    return OutputError(f"{path}: cannot write {what} ({os_reason(exc)})")
+
+
+def _default_mode() -> int:
+    """0o666 minus the process umask: what ``open()`` gives a new file (umask read without a race-prone set)."""
+    try:  # Linux exposes the umask without changing it
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 @contextmanager
-def atomic_output(path: Path) -> Iterator[Path]:
-    """Yield a temp path to write; on success it replaces ``path``, on any failure it is removed."""
+def atomic_output(path: Path, what: str | None = None) -> Iterator[Path]:
+    """Yield a temp path to write; on success it replaces ``path``, on any failure it is removed.
+
+    The file gets the user's umask permissions (some writers create files 0600). With ``what`` given, an
+    OSError while writing (a full disk) becomes one-line ``OutputError`` naming ``path``.
+    """
+    path = Path(path)
     tmp = temp_name(path)
     try:
-        yield tmp
-        os.replace(tmp, path)
+        try:
+            yield tmp
+            if tmp.exists():
+                os.chmod(tmp, _default_mode())
+            os.replace(tmp, path)
+        except OSError as exc:
+            if what is None:
+                raise
+            raise write_error(path, what, exc) from None
     finally:
-        tmp.unlink(missing_ok=True)
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    with atomic_output(path) as tmp:
+def write_text_atomic(path: Path, text: str, what: str | None = None) -> None:
+    with atomic_output(path, what) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+# --------------------------------------------------------------------------------------- inputs vs outputs
+def _resolved(p: Path) -> Path:
+    return Path(os.path.abspath(Path(p).expanduser())).resolve(strict=False)
+
+
+def _inside(child: Path, parent: Path) -> bool:
+    return child != parent and parent in child.parents
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """True for hard links (and anything else ``samefile`` sees as one file)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def guard_outputs(outputs: Mapping[str, Path | None], inputs: Mapping[str, Path | None]) -> None:
+    """Refuse, before any work, outputs that would overwrite, delete or hide an input or each other.
+
+    ``outputs``/``inputs`` map a label the user recognises (``--tiff``, ``slide``) to a path; ``None`` entries
+    are ignored. An output may not be an input (same path, a symlink to it, or a hard link of it), lie inside
+    an input folder, or be a folder (a Zarr store, a tile folder) that holds an input. Outputs must differ and
+    not nest. Raises one-line ``OutputError``.
+    """
+    outs = [(k, Path(p), _resolved(p)) for k, p in outputs.items() if p is not None]
+    ins = [(k, Path(p), _resolved(p)) for k, p in inputs.items() if p is not None]
+    for olabel, opath, o in outs:
+        for ilabel, ipath, i in ins:
+            if o == i or _same_file(opath, ipath):
+                raise OutputError(f"{opath}: {olabel} would overwrite the {ilabel} {ipath}; choose another path")
+            if _inside(o, i):
+                raise OutputError(f"{opath}: {olabel} lies inside the {ilabel} {ipath}; choose a path outside it")
+            if _inside(i, o):
+                raise OutputError(f"{opath}: {olabel} would replace a folder that holds the {ilabel} {ipath}; "
+                                  "choose another path")
+    for a in range(len(outs)):
+        for b in range(a + 1, len(outs)):
+            (la, pa, ra), (lb, pb, rb) = outs[a], outs[b]
+            if ra == rb or _same_file(pa, pb):
+                raise OutputError(f"{pa}: {la} and {lb} are the same path; give each output its own")
+            if _inside(ra, rb) or _inside(rb, ra):
+                inner, outer = (pa, pb) if _inside(ra, rb) else (pb, pa)
+                raise OutputError(f"{inner}: an output inside another output {outer}; give each output its own path")
+
+
+# ------------------------------------------------------------------------------------------ one writer
+def lock_name(path: Path) -> Path:
+    """The lock file of an output: ``.NAME.lock`` beside it."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.lock")
+
+
+@contextmanager
+def output_lock(path: Path, what: str = "output") -> Iterator[Path]:
+    """Hold an exclusive lock on ``path`` for the ``with`` block; a second run on it is refused at once.
+
+    The lock is ``flock`` on ``.NAME.lock`` beside the output (released by the kernel when the process dies,
+    so a killed run never leaves a stale lock). The file is removed on release; an acquirer that locked a file
+    which was removed meanwhile retries on the new one, so two runs can never both hold the lock.
+    """
+    path = Path(path)
+    lock = lock_name(path)
+    while True:
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise write_error(path, what, exc) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise OutputError(f"{path}: another wsi-haloae run is writing this {what} (lock {lock}); wait for it "
+                                  "to finish or choose another output") from None
+            raise write_error(path, what, exc) from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(lock).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # the holder before us removed this file after we opened it: lock the new one
+    try:
+        os.write(fd, f"{os.getpid()}\n".encode())
+    except OSError:
+        pass  # the pid is for people reading the folder; the lock does not depend on it
+    try:
+        yield lock
+    finally:
+        try:
+            lock.unlink(missing_ok=True)
+        except OSError:
+            pass
+        os.close(fd)

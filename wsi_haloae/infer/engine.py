@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from .. import __version__
 from ..config import InferConfig
 from ..errors import BadInputError, BadSlideError
+from ..model.device import resolve_device
 from . import writers
 from .geojson import robust_threshold, write_geojson
 from .ome_tiff import rgb_path_for, write_ome_tiff
@@ -81,15 +82,6 @@ class InferSummary:
                 f"{self.tiles_per_s:.1f} tiles/s end to end, {self.model_tiles_per_s:.1f} tiles/s in the model "
                 f"[{self.device}] -> {outs}")
 
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise BadInputError("--device cuda: no CUDA device is available here (use --device cpu or auto)")
-    if name not in ("cpu", "cuda"):
-        raise BadInputError(f"--device must be auto, cpu or cuda, got {name!r}")
-    return torch.device(name)
 
 
 def _now() -> str:

@@ -34,6 +34,7 @@ from ..fileio import atomic_output, write_text_atomic
 from .data import CutPasteDataset, EpochSampler, PlainTiles, TileSet, load_tiles, training_mpp
 from .ews import weights_for
 from .losses import reconstruction_loss
+from ..model.device import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -41,16 +42,6 @@ log = logging.getLogger(__name__)
 RESUME_KEYS = ("preset", "epochs", "samples_per_epoch", "batch_size", "backbone_weights", "seed", "lr", "weight_decay", "jitter")
 RESUME_FORMAT = "wsi-haloae-resume/1"
 
-
-def resolve_device(name: str) -> torch.device:
-    """"auto" → CUDA when available, else CPU; "cuda" without a GPU is a user error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise BadInputError(f"--device {name}: no CUDA device is available here")
-    if name not in ("cpu",) and not name.startswith("cuda"):
-        raise BadInputError(f"--device {name}: expected auto, cpu or cuda")
-    return torch.device(name)
 
 
 def sidecar(out: Path, suffix: str) -> Path:
