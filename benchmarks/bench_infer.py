@@ -88,7 +88,7 @@ class _BusyClock:
 
 def run_once(slide: Path, model: Path, workdir: Path, workers: int, batch: int, device: str, mpp: float | None,
              extras: bool, profile: bool) -> dict:
-    from wsi_haloae.config import InferConfig
+    from wsi_haloae.config import InferConfig, InferOptions
     from wsi_haloae.infer.engine import run_infer
 
     out = workdir / f"infer-{slide.stem}-w{workers}.zarr"
@@ -96,8 +96,9 @@ def run_once(slide: Path, model: Path, workdir: Path, workers: int, batch: int, 
     ex = {}
     if extras:
         ex = dict(tiff=workdir / "bench.ome.tif", geojson=workdir / "bench.geojson", preview=workdir / "bench.png")
-    cfg = InferConfig(slide=slide, model=model, out=out, batch_size=batch, workers=workers, device=device, mpp=mpp,
-                      overwrite=True, progress=False, **ex)
+    cfg = InferConfig(slide=slide, model=model, out=out, outputs=ex, overwrite=True,
+                      options=InferOptions(batch_size=batch, workers=workers, device=str(device), mpp=mpp,
+                                           progress=False))
     ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     c0 = _common.cpu_seconds()
     prof = cProfile.Profile() if profile else None

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from conftest import shared_path
-from wsi_haloae.config import CohortConfig
+from wsi_haloae.config import CohortConfig, InferOptions
 from wsi_haloae.errors import BadInputError
 
 CLI = [sys.executable, "-m", "wsi_haloae.cli", "cohort"]
@@ -150,7 +150,7 @@ def test_jobqueue_kwargs_map_gpus_per_scheduler(tmp_path):
     assert name == "LSFCluster" and kw["job_extra_directives"] == ['-gpu "num=2"']
     # defaults: one core per tile reader plus one, memory per worker, a finite walltime
     _, kw = jobqueue_kwargs(CohortConfig(cluster="slurm", slides="x", model=Path("m"), out=tmp_path,
-                                         workers_per_job=2, infer_workers=3))
+                                         workers_per_job=2, options=InferOptions(workers=3)))
     assert (kw["cores"], kw["memory"], kw["processes"], kw["walltime"]) == (8, "16GB", 2, "02:00:00")
     with pytest.raises(BadInputError, match="fewer than --workers-per-job"):
         jobqueue_kwargs(CohortConfig(cluster="slurm", slides="x", model=Path("m"), out=tmp_path, cores=1,

@@ -14,7 +14,7 @@ import json
 import shutil
 import subprocess
 import sys
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -23,10 +23,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from wsi_haloae.config import InferConfig, ModelConfig
+from wsi_haloae.config import InferConfig, InferOptions, ModelConfig
 from wsi_haloae.errors import BadModelFileError, BadSlideError, OutputError
+from wsi_haloae.fileio import partial_name
 from wsi_haloae.infer import writers
 from wsi_haloae.infer.engine import run_infer
+from wsi_haloae.infer.outputs import OPTIONS as OUTPUT_OPTIONS
 from wsi_haloae.model.anomaly_map import postprocess
 from wsi_haloae.model.checkpoint import LoadedModel
 from wsi_haloae.slide.reader import SlideReader
@@ -59,11 +61,22 @@ def expected_block(reader: SlideReader, x: int, y: int, mpp: float, downsample: 
     return F.avg_pool2d(pp[:, None], 64 // b)[0, 0].numpy() if b < 64 else pp[0].numpy()
 
 
+OPTION_FIELDS = {f.name for f in fields(InferOptions)}
+
+
 def cfg_for(slide: Path, tmp: Path, **kw) -> InferConfig:
+    """An InferConfig from flat keywords: InferOptions fields, extra outputs by name, or InferConfig fields."""
     base = dict(slide=slide, model=tmp / "unused.safetensors", out=tmp / "o.zarr", workers=0, batch_size=4,
                 progress=False)
     base.update(kw)
-    return InferConfig(**base)
+    return with_(InferConfig(slide=base.pop("slide"), model=base.pop("model"), out=base.pop("out")), **base)
+
+
+def with_(cfg: InferConfig, **kw) -> InferConfig:
+    """``cfg`` with some InferOptions fields, extra outputs or InferConfig fields changed."""
+    opts = {k: kw.pop(k) for k in list(kw) if k in OPTION_FIELDS}
+    extras = {k: kw.pop(k) for k in list(kw) if k in OUTPUT_OPTIONS}
+    return replace(cfg, options=replace(cfg.options, **opts), outputs={**cfg.outputs, **extras}, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +147,7 @@ def test_geojson_and_tiff_from_a_run(probe_run):
 
     cfg, summary = probe_run
     g = writers.open_store(cfg.out)
-    fc = json.loads(gzip.decompress(Path(cfg.geojson).read_bytes()))
+    fc = json.loads(gzip.decompress(Path(cfg.outputs["geojson"]).read_bytes()))
     feats = fc["features"]
     assert len(feats) == summary.tiles_tissue
     xy, means = g["tiles/xy"][:], g["tiles/score_mean"][:]
@@ -145,13 +158,34 @@ def test_geojson_and_tiff_from_a_run(probe_run):
         assert f["properties"]["objectType"] == "tile"
         assert f["properties"]["measurements"]["anomaly_score"] == pytest.approx(float(s))
         assert ("classification" in f["properties"]) == (s > thr)
-    with tifffile.TiffFile(cfg.tiff) as tf:
+    with tifffile.TiffFile(cfg.outputs["tiff"]) as tf:
         assert len(tf.pages[0].subifds) == 1
         np.testing.assert_array_equal(tf.series[0].levels[0].asarray(), g["0"][:])
         assert 'PhysicalSizeX="2.0"' in tf.ome_metadata
-    assert Path(str(cfg.tiff).replace(".ome.tif", ".rgb.ome.tif")).is_file()
-    assert Path(cfg.preview).stat().st_size > 10_000
+    assert Path(str(cfg.outputs["tiff"]).replace(".ome.tif", ".rgb.ome.tif")).is_file()
+    assert Path(cfg.outputs["preview"]).stat().st_size > 10_000
     assert not list(Path(cfg.out).parent.glob(".*partial"))
+
+
+def test_run_infer_returns_and_logs_but_never_prints(synthetic_slide, tmp_path, capfd, caplog):
+    import logging
+
+    cfg = cfg_for(synthetic_slide, tmp_path, geojson=tmp_path / "t.geojson")
+    with caplog.at_level(logging.INFO, logger="wsi_haloae.infer.engine"):
+        result = run_infer(cfg, loaded=probe())
+        again = run_infer(with_(cfg, preview=tmp_path / "p.png"), loaded=probe())
+    out, err = capfd.readouterr()
+    assert out == "" and err == ""
+    assert result.status == "done" and again.status == "skipped" and again.written == ["preview"]
+    assert result.line() in caplog.text and "wrote the missing preview" in again.line()
+    # the slide's figures come from the store's attributes, for infer and cohort alike
+    summary = writers.read_attrs(cfg.out)["summary"]
+    assert result.summary == again.summary == summary
+    scores = writers.open_store(cfg.out)["tiles/score_mean"][:]
+    assert summary["tiles"] == result.tiles_tissue == len(scores)
+    assert summary["score_max"] == pytest.approx(float(np.nanmax(scores)))
+    assert 0 < summary["tissue_fraction"] < 1 and summary["anomalous_tiles"] >= 0
+    assert set(result.outputs) == {"zarr", "geojson"} and set(again.outputs) == {"zarr", "geojson", "preview"}
 
 
 @pytest.mark.parametrize("downsample", [1, 8])
@@ -185,7 +219,7 @@ def test_target_mpp_coarser_than_the_slide(tmp_path):
     assert g.attrs["multiscales"][0]["datasets"][0]["coordinateTransformations"][0]["scale"] == [2.0, 2.0]
     assert s.mpp == 0.5 and s.tiles_tissue > 0
     # --mpp overrides the model's mpp
-    s2 = run_infer(replace(cfg, out=tmp_path / "o2.zarr", mpp=0.25), loaded=probe(mpp=0.5))
+    s2 = run_infer(with_(cfg, out=tmp_path / "o2.zarr", mpp=0.25), loaded=probe(mpp=0.5))
     assert writers.open_store(tmp_path / "o2.zarr")["0"].shape == (1536 // 4, 2048 // 4)
     assert s2.mpp == 0.25
 
@@ -195,19 +229,19 @@ def test_complete_output_is_skipped_incomplete_is_redone(synthetic_slide, tmp_pa
     first = run_infer(cfg, loaded=probe())
     stamp = writers.read_attrs(cfg.out)["end_time"]
     ref = writers.open_store(cfg.out)["0"][:]
-    again = run_infer(replace(cfg, geojson=tmp_path / "late.geojson"), loaded=probe())
+    again = run_infer(with_(cfg, geojson=tmp_path / "late.geojson"), loaded=probe())
     assert again.status == "skipped" and first.status == "done"
     assert writers.read_attrs(cfg.out)["end_time"] == stamp  # left alone
     assert (tmp_path / "late.geojson").is_file()  # a newly requested extra is made from the existing store
     # an output without its marker (killed during a previous run's rename) and a stale temp dir: redone
     (Path(cfg.out) / writers.MARKER).unlink()
-    stale = writers.tmp_path_for(cfg.out)
+    stale = partial_name(cfg.out)
     stale.mkdir()
     (stale / "junk").write_text("x")
     redone = run_infer(cfg, loaded=probe())
     assert redone.status == "done" and writers.is_complete(cfg.out) and not stale.exists()
     np.testing.assert_array_equal(writers.open_store(cfg.out)["0"][:], ref)
-    assert run_infer(replace(cfg, overwrite=True), loaded=probe()).status == "done"
+    assert run_infer(with_(cfg, overwrite=True), loaded=probe()).status == "done"
 
 
 def _corrupt_level0_tiles(path: Path, which) -> int:
@@ -249,8 +283,8 @@ def test_corrupt_tiles_recorded_missing_or_slide_refused(synthetic_slide, tmp_pa
     bad = cfg_for(half, tmp_path, out=tmp_path / "half.zarr", geojson=tmp_path / "half.geojson")
     with pytest.raises(BadSlideError, match="could not be read"):
         run_infer(bad, loaded=probe())
-    assert not Path(bad.out).exists() and not writers.tmp_path_for(bad.out).exists()
-    assert not Path(bad.geojson).exists()
+    assert not Path(bad.out).exists() and not partial_name(bad.out).exists()
+    assert not Path(bad.outputs["geojson"]).exists()
 
 
 def test_errors_are_user_errors_without_marker(synthetic_slide, tmp_path):

@@ -129,23 +129,49 @@ class TrainConfig:
     max_steps: int | None = None  # testing aid: stop after this many optimizer steps (in total)
 
 
+@dataclass(frozen=True)
+class InferOptions:
+    """How a slide is scored: one object shared by ``infer``, ``cohort`` and the cohort worker's task.
+
+    Passed whole, never copied field by field: a new option is one field here plus one CLI declaration
+    (``cli._infer_options``), and it reaches every slide of a cohort without further code.
+    """
+
+    mpp: float | None = None  # target µm/px (None: the model's training mpp, else the slide's level 0)
+    batch_size: int = 32  # tiles per model call (reduced, with a warning, to what fits in memory)
+    workers: int = 2  # tile-reading processes
+    device: str = "auto"
+    pixel_downsample: int = 4  # slide pixels (at the target mpp) per heatmap pixel at level 0 of the map
+    min_tissue: float = 0.5  # tissue fraction a tile needs to be scored
+    max_failed_fraction: float = 0.05  # unreadable tissue tiles tolerated before the slide is refused
+    progress: bool = True  # a tqdm bar on stderr
+
+    def __post_init__(self) -> None:
+        if self.mpp is not None and not self.mpp > 0:
+            raise BadInputError(f"--mpp {self.mpp}: must be positive")
+        if self.batch_size < 1:
+            raise BadInputError(f"--batch-size {self.batch_size}: must be at least 1")
+        if self.workers < 0:
+            raise BadInputError(f"--workers {self.workers}: must be 0 or more")
+        if self.pixel_downsample < 1:
+            raise BadInputError(f"--pixel-downsample {self.pixel_downsample}: must be at least 1")
+        if not 0 <= self.min_tissue <= 1:
+            raise BadInputError(f"--min-tissue {self.min_tissue}: must be between 0 and 1")
+        if not 0 <= self.max_failed_fraction <= 1:
+            raise BadInputError(f"max_failed_fraction {self.max_failed_fraction}: must be between 0 and 1")
+
+
 @dataclass
 class InferConfig:
+    """One slide: its model, the store ``out`` and the extra outputs by name (``infer.outputs``: tiff,
+    geojson, preview -> path), how to score it, and whether to redo a complete result."""
+
     slide: Path
     model: Path
     out: Path
-    tiff: Path | None = None
-    geojson: Path | None = None
-    preview: Path | None = None
-    mpp: float | None = None
-    batch_size: int = 32
-    workers: int = 2
-    device: str = "auto"
-    pixel_downsample: int = 4
-    min_tissue: float = 0.5
+    outputs: dict[str, Path] = field(default_factory=dict)
+    options: InferOptions = InferOptions()
     overwrite: bool = False
-    max_failed_fraction: float = 0.05
-    progress: bool = True
 
 
 @dataclass
@@ -182,15 +208,6 @@ class CohortConfig:
     scheduler_address: str | None = None
     dry_run: bool = False
     retries: int = 2
-    # options passed through to infer for every slide
-    mpp: float | None = None
-    batch_size: int = 32
-    infer_workers: int = 2
-    device: str = "auto"
-    pixel_downsample: int = 4
-    min_tissue: float = 0.5
-    tiff: bool = True
-    geojson: bool = True
-    preview: bool = True
+    options: InferOptions = InferOptions()  # how every slide is scored (a manifest mpp overrides options.mpp)
+    outputs: tuple[str, ...] | None = None  # extra outputs by name (infer.outputs); None: the registry's defaults
     overwrite: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)

@@ -13,6 +13,7 @@ import logging
 import sys
 import time
 import uuid
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ from ..errors import BadInputError, BadModelFileError, OutputError
 from .clusters import SLIDE_RESOURCE, job_script, jobqueue_kwargs, local_shape, open_cluster
 from .report import write_reports
 from .slides import SlideEntry, collect_slides
-from .worker import RECORD_DIR, SlideTask, output_paths, process_slide, record_path, slide_stats
+from .worker import RECORD_DIR, SlideTask, process_slide, record_path, slide_row
 
 __all__ = ["run_cohort", "collect_slides", "SlideEntry", "jobqueue_kwargs", "job_script"]
 
@@ -39,26 +40,34 @@ def _blank_row(e: SlideEntry, status: str, error: str = "") -> dict[str, Any]:
             "anomalous_tiles": None, "seconds": None, "host": None, "worker": None, "model_loads": None}
 
 
+def _extras(cfg: CohortConfig) -> tuple[str, ...]:
+    """The extra outputs of every slide, by option name (the registry's defaults unless the user chose)."""
+    from ..infer.outputs import COHORT_DEFAULT
+
+    return COHORT_DEFAULT if cfg.outputs is None else tuple(cfg.outputs)
+
+
 def _state(out: Path, e: SlideEntry, cfg: CohortConfig, sha: str) -> str:
     """'done' (complete store by this model and every requested output present), 'extras' (complete store,
     some requested file missing: infer adds just those), 'stale' (another model's result) or 'todo'."""
-    from ..infer.ome_tiff import rgb_path_for
-    from ..infer.writers import is_complete, read_attrs
+    from ..infer import outputs
+    from ..infer.writers import read_attrs
 
-    paths = output_paths(out, e.id, cfg.tiff, cfg.geojson, cfg.preview)
-    if not is_complete(paths["zarr"]):
+    paths = outputs.cohort_paths(out, e.id, _extras(cfg))
+    store = paths[outputs.STORE.name]
+    if not outputs.STORE.is_complete(store):
         return "todo"
-    if (read_attrs(paths["zarr"]).get("model") or {}).get("sha256") != sha:
+    if (read_attrs(store).get("model") or {}).get("sha256") != sha:
         return "stale"
-    extras = [p for k, p in paths.items() if k != "zarr" and p is not None]
-    if paths["tiff"] is not None:
-        extras.append(rgb_path_for(paths["tiff"]))
-    return "done" if all(p.exists() for p in extras) else "extras"
+    return "done" if all(outputs.BY_NAME[k].is_complete(p) for k, p in paths.items()) else "extras"
 
 
 def _skipped_row(out: Path, e: SlideEntry) -> dict[str, Any]:
     """A complete slide's row: figures from its store, host and seconds from the run that made it."""
     import json
+
+    from ..infer import outputs
+    from ..infer.writers import read_attrs
 
     row = _blank_row(e, "skipped")
     try:
@@ -67,8 +76,8 @@ def _skipped_row(out: Path, e: SlideEntry) -> dict[str, Any]:
     except (OSError, ValueError):
         pass  # complete outputs from a plain `infer` run: no record of where it ran
     try:
-        row.update(slide_stats(output_paths(out, e.id, False, False, False)["zarr"]))
-    except Exception as exc:  # noqa: BLE001 - a figure we cannot read is not a reason to redo the slide
+        row.update(slide_row(read_attrs(outputs.cohort_paths(out, e.id, ())[outputs.STORE.name])))
+    except (OSError, ValueError) as exc:  # a figure we cannot read is not a reason to redo the slide
         log.warning("%s: cannot read figures from its store (%s)", e.id, exc)
     return row
 
@@ -109,9 +118,10 @@ def _print_plan(cfg: CohortConfig, entries: list[SlideEntry], rows: dict[str, di
     n_missing = sum(r["status"] == "failed" for r in rows.values())
     print(f"cohort plan: {len(entries)} slides from {cfg.slides}: {len(todo)} to run, {n_skip} complete (skipped), "
           f"{n_missing} missing")
-    print(f"outputs: {out}/<id>.zarr" + "".join(
-        f", <id>{s}" for s, on in ((".ome.tiff", cfg.tiff), (".geojson", cfg.geojson), (".png", cfg.preview)) if on)
-        + "; cohort.csv, cohort.json, index.html")
+    from ..infer.outputs import BY_NAME, cohort_paths
+
+    names = [BY_NAME[k].cohort_suffix for k in cohort_paths(out, "x", _extras(cfg))]
+    print(f"outputs: {out}/" + ", ".join(f"<id>{s}" for s in names) + "; cohort.csv, cohort.json, index.html")
     for e in todo:
         print(f"  run   {e.id}\t{e.path}" + (f"\tmpp={e.mpp}" if e.mpp else ""))
     for r in rows.values():
@@ -120,7 +130,8 @@ def _print_plan(cfg: CohortConfig, entries: list[SlideEntry], rows: dict[str, di
         print(f"cluster: existing Dask scheduler at {cfg.scheduler_address}")
     elif cfg.cluster == "local":
         n, threads = local_shape(cfg)
-        print(f"cluster: local, {min(n, max(1, len(todo)))} worker process(es) x {threads} thread(s), device {cfg.device}")
+        print(f"cluster: local, {min(n, max(1, len(todo)))} worker process(es) x {threads} thread(s), "
+              f"device {cfg.options.device}")
     else:
         cls_name, kw = jobqueue_kwargs(cfg)
         jobs = min(cfg.jobs or 1, max(1, -(-len(todo) // cfg.workers_per_job)))  # never more jobs than slides
@@ -133,13 +144,9 @@ def _print_plan(cfg: CohortConfig, entries: list[SlideEntry], rows: dict[str, di
 
 def _task(e: SlideEntry, cfg: CohortConfig, out: Path, model: Path, sha: str, threads: int,
           overwrite: bool, echo: bool) -> SlideTask:
-    return SlideTask(
-        id=e.id, slide=str(e.path), out_dir=str(out), model=str(model), model_sha256=sha,
-        mpp=e.mpp if e.mpp is not None else cfg.mpp, device=cfg.device, threads=threads,
-        batch_size=cfg.batch_size, infer_workers=cfg.infer_workers, pixel_downsample=cfg.pixel_downsample,
-        min_tissue=cfg.min_tissue, tiff=cfg.tiff, geojson=cfg.geojson, preview=cfg.preview,
-        overwrite=overwrite, echo=echo,
-    )
+    options = cfg.options if e.mpp is None else replace(cfg.options, mpp=e.mpp)  # a manifest's per-slide mpp
+    return SlideTask(id=e.id, slide=str(e.path), out_dir=str(out), model=str(model), model_sha256=sha,
+                     options=options, outputs=_extras(cfg), threads=threads, overwrite=overwrite, echo=echo)
 
 
 def _future_row(fut, e: SlideEntry, retries: int) -> dict[str, Any]:
@@ -204,18 +211,18 @@ def _run_tasks(cfg: CohortConfig, todo: list[SlideEntry], redo: set[str], rows: 
                     f.release()
                     rows[e.id] = row
                     if row["status"] == "failed":
-                        bar.write(f"cohort: {e.id} failed: {row['error']}")
+                        bar.write(f"cohort: {e.id} failed: {row['error']}", file=sys.stderr)
                     bar.update(1)
                 if cl.keeper is not None:
                     lost = cl.keeper.check()
                     if lost:
                         bar.write(f"cohort: batch job(s) {', '.join(lost)} lost their workers (cancelled, walltime "
-                                  f"or node failure); submitted {len(lost)} replacement(s)")
+                                  f"or node failure); submitted {len(lost)} replacement(s)", file=sys.stderr)
                 now = time.monotonic()
                 if slots == 0:
                     no_worker_since = no_worker_since or now
                     if now - no_worker_since > 60:
-                        bar.write(f"cohort: still waiting for workers (see {out / RECORD_DIR / 'logs'})")
+                        bar.write(f"cohort: still waiting for workers (see {out / RECORD_DIR / 'logs'})", file=sys.stderr)
                         no_worker_since = now
                 else:
                     no_worker_since = None

@@ -3,9 +3,11 @@
 Three stages overlap. Worker processes read and decode tiles (one slide handle each); the main thread only
 moves batches to the device and runs the model (bf16 autocast + channels_last on CUDA, normalisation on
 the device); a writer thread behind a bounded queue pastes the maps into zarr chunks, so the device never
-waits for compression or disk. Everything lands in a temp store that is renamed onto OUT.zarr only after
-its completion marker is written (see writers.py): a run killed at any point leaves no complete-looking
-output, and a rerun starts clean.
+waits for compression or disk. Everything lands in a temp store; the extras (``infer.outputs``) are written
+from it under temp names, and all of them are renamed onto their final names together, the store last,
+only after its completion marker is written (see writers.py): a run killed or failing at any point (a full
+disk included) leaves no complete-looking output, and a rerun starts clean. Every output is guarded
+against the inputs and locked (``fileio``) for the whole run.
 """
 
 from __future__ import annotations
@@ -15,10 +17,11 @@ import logging
 import math
 import multiprocessing
 import queue
-import shutil
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,21 +33,25 @@ import torch.nn.functional as F
 from .. import __version__
 from ..config import InferConfig
 from ..errors import BadInputError, BadSlideError
+from ..fileio import guard_outputs, output_lock, partial_name, publish, remove_path, write_error
 from ..model.device import resolve_device
-from . import writers
-from .geojson import robust_threshold, write_geojson
-from .ome_tiff import rgb_path_for, write_ome_tiff
-from .preview import write_preview
+from . import outputs, writers
+from .geojson import robust_threshold
+from .outputs import STORE
 
 log = logging.getLogger(__name__)
 
-PREVIEW_SIZE = 1024
 QUEUE_BATCHES = 8
 
 
 @dataclass
-class InferSummary:
-    """What one ``infer`` run did; ``status`` is "done" or "skipped" (a complete output was already there)."""
+class InferResult:
+    """What one ``infer`` run did. ``status``: "done", or "skipped" (a complete store was already there).
+
+    ``outputs``: every file of the slide by kind name (``infer.outputs``); ``written``: on a skip, the
+    extras that were missing and were made from the existing store. ``summary``: the slide's figures as the
+    store records them (attribute ``summary``), the row ``cohort`` shows.
+    """
 
     slide: str
     out: str
@@ -57,6 +64,18 @@ class InferSummary:
     device: str = ""
     mpp: float | None = None
     outputs: dict[str, str] = field(default_factory=dict)
+    written: list[str] = field(default_factory=list)
+    summary: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_attrs(cls, attrs: dict[str, Any], slide: Path, status: str, seconds: float,
+                   outputs: dict[str, Path], **kw) -> "InferResult":
+        tiles = attrs.get("tiles", {})
+        return cls(slide=str(slide), out=str(outputs[STORE.name]), status=status, tiles_grid=tiles.get("grid", 0),
+                   tiles_tissue=tiles.get("tissue", 0), tiles_failed=tiles.get("failed", 0), seconds=seconds,
+                   model_seconds=attrs.get("model_seconds", 0.0) if status == "done" else 0.0,
+                   device=attrs.get("device", ""), mpp=attrs.get("target_mpp"),
+                   outputs={k: str(v) for k, v in outputs.items()}, summary=dict(attrs.get("summary") or {}), **kw)
 
     @property
     def tiles_per_s(self) -> float:
@@ -75,37 +94,18 @@ class InferSummary:
         return d
 
     def line(self) -> str:
+        """The one-line summary the CLI prints on stderr."""
         outs = ", ".join(self.outputs.values()) or self.out
         if self.status == "skipped":
-            return f"{self.slide}: already complete, left alone: {outs} (use --overwrite to redo)"
+            made = f" (wrote the missing {', '.join(self.written)})" if self.written else ""
+            return f"{self.slide}: already complete, left alone: {outs} (use --overwrite to redo){made}"
         return (f"{self.slide}: {self.tiles_tissue} tiles ({self.tiles_failed} unreadable) in {self.seconds:.1f} s, "
                 f"{self.tiles_per_s:.1f} tiles/s end to end, {self.model_tiles_per_s:.1f} tiles/s in the model "
                 f"[{self.device}] -> {outs}")
 
 
-
 def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-
-
-def _outputs(cfg: InferConfig) -> dict[str, Path]:
-    outs = {"zarr": Path(cfg.out)}
-    if cfg.tiff:
-        outs["tiff"] = Path(cfg.tiff)
-        outs["tiff_rgb"] = rgb_path_for(cfg.tiff)
-    if cfg.geojson:
-        outs["geojson"] = Path(cfg.geojson)
-    if cfg.preview:
-        outs["preview"] = Path(cfg.preview)
-    return outs
-
-
-def _check_outputs(outs: dict[str, Path]) -> None:
-    for key, p in outs.items():
-        writers.check_writable(p, "zarr store" if key == "zarr" else key)
-    paths = [p.absolute() for p in outs.values()]
-    if len(set(paths)) != len(paths):
-        raise BadInputError("output paths must differ: " + ", ".join(str(p) for p in outs.values()))
 
 
 def _block_for(tile_size: int, fm_size: int, pixel_downsample: int) -> int:
@@ -120,13 +120,23 @@ def _block_for(tile_size: int, fm_size: int, pixel_downsample: int) -> int:
     return b
 
 
+@contextmanager
+def _writing(path: Path, what: str) -> Iterator[None]:
+    """An OSError while writing (a full disk, a lost mount) becomes one line naming the output."""
+    try:
+        yield
+    except OSError as exc:
+        raise write_error(path, what, exc) from None
+
+
 class _Writer(threading.Thread):
     """Drains (indices, blocks, ok) batches into the chunk assembler; the first error is kept for the caller."""
 
-    def __init__(self, assembler: writers.ChunkAssembler):
+    def __init__(self, assembler: writers.ChunkAssembler, out: Path):
         super().__init__(name="wsi-haloae-writer", daemon=True)
         self.q: queue.Queue = queue.Queue(maxsize=QUEUE_BATCHES)
         self.asm = assembler
+        self.out = out
         self.error: BaseException | None = None
 
     def run(self) -> None:
@@ -138,8 +148,9 @@ class _Writer(threading.Thread):
                 continue  # keep draining so the producer never blocks on a dead writer
             idx, blocks, ok = item
             try:
-                for j, i in enumerate(idx):
-                    self.asm.add(int(i), blocks[j] if ok[j] else None)
+                with _writing(self.out, STORE.what):
+                    for j, i in enumerate(idx):
+                        self.asm.add(int(i), blocks[j] if ok[j] else None)
             except BaseException as exc:  # noqa: BLE001 - re-raised in the main thread
                 self.error = exc
 
@@ -155,64 +166,99 @@ class _Writer(threading.Thread):
             raise self.error
 
 
-def run_infer(cfg: InferConfig, loaded=None) -> InferSummary:
-    """Run ``cfg.model`` (or ``loaded``) over ``cfg.slide``; write OUT.zarr and the requested extras."""
+def run_infer(cfg: InferConfig, loaded=None) -> InferResult:
+    """Run ``cfg.model`` (or ``loaded``) over ``cfg.slide``; write OUT.zarr and the requested extras.
+
+    Never prints: it logs, and returns what it did (the CLI prints ``result.line()``). Every output is checked
+    against the inputs and locked before any work; all of them appear together or not at all.
+    """
     t_start = time.perf_counter()
-    start_time = _now()
-    out = Path(cfg.out)
-    outs = _outputs(cfg)
-    _check_outputs(outs)
+    paths = outputs.planned(cfg.out, cfg.outputs)
+    guard_outputs(outputs.labelled(paths), {"slide": cfg.slide, "--model": cfg.model})
+    for name, p in paths.items():
+        writers.check_writable(p, outputs.BY_NAME[name].what)
+    with ExitStack() as locks:
+        for name, p in paths.items():
+            locks.enter_context(output_lock(p, outputs.BY_NAME[name].what))
+        if not cfg.overwrite and STORE.is_complete(paths[STORE.name]):
+            return _complete_the_extras(cfg, paths, t_start)
+        return _run(cfg, paths, loaded, t_start)
 
-    if writers.is_complete(out) and not cfg.overwrite:
-        made = _write_missing_extras(cfg, out)
-        attrs = writers.read_attrs(out)
-        tiles = attrs.get("tiles", {})
-        s = InferSummary(slide=str(cfg.slide), out=str(out), status="skipped", tiles_grid=tiles.get("grid", 0),
-                         tiles_tissue=tiles.get("tissue", 0), tiles_failed=tiles.get("failed", 0),
-                         seconds=time.perf_counter() - t_start, device=attrs.get("device", ""),
-                         mpp=attrs.get("target_mpp"), outputs={k: str(v) for k, v in outs.items()})
-        print(s.line() + (f" (wrote missing {', '.join(made)})" if made else ""), file=sys.stderr)
-        return s
 
+def _complete_the_extras(cfg: InferConfig, paths: dict[str, Path], t_start: float) -> InferResult:
+    """A complete store is there: leave it alone, and make only the requested extras that are missing."""
+    out = paths[STORE.name]
+    attrs = writers.read_attrs(out)
+    missing = {n: p for n, p in paths.items() if not outputs.BY_NAME[n].is_complete(p)}
+    temps = {n: partial_name(p) for n, p in missing.items()}
+    try:
+        if missing:
+            _write_extras(outputs.StoreContext(writers.open_store(out), attrs, Path(cfg.slide)), missing, temps)
+            with _writing(next(iter(missing.values())), "outputs"):
+                publish([(temps[n], missing[n]) for n in missing])
+    finally:
+        for t in temps.values():
+            remove_path(t)
+    result = InferResult.from_attrs(attrs, cfg.slide, "skipped", time.perf_counter() - t_start, paths,
+                                    written=list(missing))
+    log.info("%s", result.line())
+    return result
+
+
+def _write_extras(ctx: outputs.StoreContext, extras: dict[str, Path], temps: dict[str, Path]) -> None:
+    """Write each extra from the finished store to its temp name (the caller publishes them)."""
+    for name, p in extras.items():
+        kind = outputs.BY_NAME[name]
+        with _writing(p, kind.what):
+            kind.write(ctx, temps[name])
+
+
+def _run(cfg: InferConfig, paths: dict[str, Path], loaded, t_start: float) -> InferResult:
     from ..model.checkpoint import load_model
     from ..slide.grid import build_grid, resolve_mpp
     from ..slide.reader import open_slide
 
+    opts = cfg.options
+    start_time = _now()
+    out = paths[STORE.name]
     if loaded is None:
-        device = resolve_device(cfg.device)
+        device = resolve_device(opts.device)
         loaded = load_model(cfg.model, device=device)
     else:
         device = next(loaded.model.parameters()).device
     model = loaded.model.eval()
     mcfg = model.config
-    block = _block_for(mcfg.tile_size, mcfg.fm_size, cfg.pixel_downsample)
+    block = _block_for(mcfg.tile_size, mcfg.fm_size, opts.pixel_downsample)
 
     reader = open_slide(cfg.slide)
     model_mpp = loaded.metadata.get("mpp")
-    target = resolve_mpp(reader, cfg.mpp if cfg.mpp is not None else model_mpp)
-    if cfg.mpp is None and model_mpp is None:
+    target = resolve_mpp(reader, opts.mpp if opts.mpp is not None else model_mpp)
+    if opts.mpp is None and model_mpp is None:
         log.info("model records no training mpp: using the slide's level 0 (%s µm/px)", target)
-    grid = build_grid(reader, target, tile_size=mcfg.tile_size, min_tissue=cfg.min_tissue)
+    grid = build_grid(reader, target, tile_size=mcfg.tile_size, min_tissue=opts.min_tissue)
     n = len(grid)
     mpp0 = reader.mpp if reader.mpp is not None else target
-    geom = writers.MapGeometry.for_slide(reader.bounds, mpp0, grid.scale, mcfg.tile_size, cfg.pixel_downsample)
+    geom = writers.MapGeometry.for_slide(reader.bounds, mpp0, grid.scale, mcfg.tile_size, opts.pixel_downsample)
     px, py = geom.tile_origins(grid.xs, grid.ys, grid.rows, grid.cols, grid.level0_stride)
 
-    tmp = writers.tmp_path_for(out)
+    tmp = partial_name(out)
+    extras = {k: p for k, p in paths.items() if k != STORE.name}
+    temps = {k: partial_name(p) for k, p in extras.items()}
     try:
-        group = writers.open_new_store(tmp)
-        level0 = writers.create_map_level(group, "0", (geom.height, geom.width))
+        with _writing(out, STORE.what):
+            group = writers.open_new_store(tmp)
+            level0 = writers.create_map_level(group, "0", (geom.height, geom.width))
         assembler = writers.ChunkAssembler(level0, px, py, block)
         score_mean = np.full(n, np.nan, np.float32)
         score_max = np.full(n, np.nan, np.float32)
         ok_all = np.zeros(n, bool)
         model_s, failed = _run_tiles(cfg, loaded, device, grid, target, block, assembler,
-                                     score_mean, score_max, ok_all)
-        assembler.finish()
-
-        _write_tables(group, grid, px, py, score_mean, score_max, ok_all)
-        n_levels = writers.build_pyramid(group, written=assembler.written)
-        writers.write_multiscales(group, n_levels, geom.um)
+                                     score_mean, score_max, ok_all, out)
+        with _writing(out, STORE.what):
+            assembler.finish()
+            _write_tables(group, grid, px, py, score_mean, score_max, ok_all)
+            n_levels = writers.build_pyramid(group, written=assembler.written)
+            writers.write_multiscales(group, n_levels, geom.um)
         thr = robust_threshold(score_mean)
         finite_max = score_max[np.isfinite(score_max)]
         vmax = float(np.quantile(finite_max, 0.99)) if finite_max.size else 1.0
@@ -240,8 +286,8 @@ def run_infer(cfg: InferConfig, loaded=None) -> InferSummary:
             "target_mpp": target,
             "tile_size": mcfg.tile_size,
             "level0_tile": grid.level0_tile,
-            "min_tissue": cfg.min_tissue,
-            "pixel_downsample": cfg.pixel_downsample,
+            "min_tissue": opts.min_tissue,
+            "pixel_downsample": opts.pixel_downsample,
             "map": {
                 "um_per_px": geom.um,
                 "slide_px_per_map_px": geom.slide_px,
@@ -253,33 +299,57 @@ def run_infer(cfg: InferConfig, loaded=None) -> InferSummary:
                       "failed": failed, "scored": n - failed},
             "threshold": thr,
             "display_range": [0.0, vmax],
+            "summary": slide_summary(score_mean, grid.mask, thr["value"], n),
             "geojson": {"offset": [reader.bounds[0], reader.bounds[1]], "class": "Anomalous"},
             "device": str(device),
-            "batch_size": cfg.batch_size,
-            "workers": cfg.workers,
+            "batch_size": opts.batch_size,
+            "workers": opts.workers,
             "model_seconds": model_s,
         }
-        group.attrs[writers.ATTR] = attrs
-        _write_extras(cfg, group, attrs, reader)
+        with _writing(out, STORE.what):
+            group.attrs[writers.ATTR] = attrs
+        _write_extras(outputs.StoreContext(group, attrs, Path(cfg.slide)), extras, temps)
         seconds = time.perf_counter() - t_start
         attrs.update(end_time=_now(), seconds=seconds, tiles_per_s=n / seconds if seconds else 0.0,
                      model_tiles_per_s=n / model_s if model_s else 0.0,
-                     outputs={k: str(v) for k, v in outs.items()})
-        writers.finalize(tmp, out, attrs)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+                     outputs={k: str(v) for k, v in paths.items()})
+        with _writing(out, STORE.what):
+            writers.mark_complete(tmp, attrs)
+        with _writing(out, "outputs"):
+            publish([*((temps[k], extras[k]) for k in extras), (tmp, out)])  # the store last
+    finally:
+        remove_path(tmp)
+        for t in temps.values():
+            remove_path(t)
 
-    s = InferSummary(slide=str(cfg.slide), out=str(out), status="done", tiles_grid=grid.n_grid, tiles_tissue=n,
-                     tiles_failed=failed, seconds=time.perf_counter() - t_start, model_seconds=model_s,
-                     device=str(device), mpp=target, outputs={k: str(v) for k, v in outs.items()})
-    print(s.line(), file=sys.stderr)
-    return s
+    result = InferResult.from_attrs(attrs, cfg.slide, "done", time.perf_counter() - t_start, paths)
+    log.info("%s", result.line())
+    return result
+
+
+def slide_summary(score_mean: np.ndarray, mask: np.ndarray, threshold: float | None, tiles: int) -> dict[str, Any]:
+    """The slide's figures a cohort shows, stored in the store's attributes (``summary``).
+
+    ``score_*``: over the scored tiles' mean anomaly (the per-tile value infer thresholds and exports);
+    ``tissue_fraction``: the tissue mask's share of the slide; ``anomalous_tiles``: tiles above the slide's
+    threshold.
+    """
+    s = np.asarray(score_mean, dtype=np.float64)
+    s = s[np.isfinite(s)]
+    has = s.size > 0
+    return {
+        "tiles": int(tiles),
+        "tissue_fraction": round(float(mask.mean()), 4) if mask.size else None,
+        "score_mean": float(s.mean()) if has else None,
+        "score_p95": float(np.quantile(s, 0.95)) if has else None,
+        "score_max": float(s.max()) if has else None,
+        "anomalous_tiles": int((s > threshold).sum()) if has and threshold is not None else None,
+    }
 
 
 def _run_tiles(cfg: InferConfig, loaded, device: torch.device, grid, target: float, block: int,
                assembler: writers.ChunkAssembler, score_mean: np.ndarray, score_max: np.ndarray,
-               ok_all: np.ndarray) -> tuple[float, int]:
+               ok_all: np.ndarray, out: Path) -> tuple[float, int]:
     """The hot loop. Returns (synchronised model seconds, unreadable tile count)."""
     from tqdm import tqdm
 
@@ -297,18 +367,19 @@ def _run_tiles(cfg: InferConfig, loaded, device: torch.device, grid, target: flo
     # channels_last on every device: cuDNN's and oneDNN's fast convolution layout (+30-60 % tiles per CPU
     # second measured in benchmarks/RESULTS.md, same outputs)
     model = model.to(memory_format=torch.channels_last)
-    max_failed = int(math.floor(cfg.max_failed_fraction * n))
+    opts = cfg.options
+    max_failed = int(math.floor(opts.max_failed_fraction * n))
     ds = TileDataset(cfg.slide, grid.xs, grid.ys, mcfg.tile_size, target)
-    workers = min(cfg.workers, n // cfg.batch_size)  # a slide of one batch is read faster in-process
+    workers = min(opts.workers, n // opts.batch_size)  # a slide of one batch is read faster in-process
     if workers and multiprocessing.current_process().daemon:
         log.warning("%s: running in a daemonic process, which cannot start tile readers: reading in-process", cfg.slide)
         workers = 0
-    loader = make_loader(ds, cfg.batch_size, workers, pin_memory=cuda)
-    writer = _Writer(assembler)
+    loader = make_loader(ds, opts.batch_size, workers, pin_memory=cuda)
+    writer = _Writer(assembler, out)
     writer.start()
     model_s = 0.0
     failed = 0
-    bar = tqdm(total=n, unit="tile", desc=Path(cfg.slide).name, disable=not cfg.progress, file=sys.stderr,
+    bar = tqdm(total=n, unit="tile", desc=Path(cfg.slide).name, disable=not opts.progress, file=sys.stderr,
                dynamic_ncols=True, smoothing=0.1)
     try:
         with torch.inference_mode():
@@ -321,7 +392,7 @@ def _run_tiles(cfg: InferConfig, loaded, device: torch.device, grid, target: flo
                     if failed > max_failed:
                         raise BadSlideError(
                             f"slide {cfg.slide}: {failed} of {n} tissue tiles could not be read (more than "
-                            f"{cfg.max_failed_fraction:.0%}); the file looks truncated or corrupt"
+                            f"{opts.max_failed_fraction:.0%}); the file looks truncated or corrupt"
                         )
                 x = tiles.to(device, non_blocking=True)
                 if cuda:
@@ -381,66 +452,3 @@ def _write_tables(group, grid, px, py, score_mean, score_max, ok) -> None:
     m = group.create_dataset("mask", data=grid.mask.astype(np.uint8), chunks=(1024, 1024), fill_value=0)
     m.attrs["downsample"] = float(grid.mask_downsample)
     m.attrs["description"] = "tissue mask (1 = tissue); mask pixel (0, 0) = level-0 (0, 0); downsample = level-0 px per mask px"
-
-
-def _heat_level_index(levels: list, min_side: float) -> int:
-    """The smallest map level whose long side still has ``min_side`` px (enough for the preview)."""
-    best = 0
-    for k, lvl in enumerate(levels):
-        if max(lvl.shape) >= min_side:
-            best = k
-    return best
-
-
-def _write_extras(cfg: InferConfig, group, attrs: dict[str, Any], reader) -> list[str]:
-    """OME-TIFF (float + RGB), GeoJSON and preview from a finished map in ``group``. Returns what it wrote."""
-    made = []
-    levels = writers.map_levels(group)
-    um = attrs["map"]["um_per_px"]
-    vmin, vmax = attrs["display_range"]
-    if cfg.tiff:
-        write_ome_tiff(levels, um, cfg.tiff, rgb=False)
-        write_ome_tiff(levels, um, rgb_path_for(cfg.tiff), rgb=True, vmin=vmin, vmax=vmax)
-        made.append("tiff")
-    if cfg.geojson:
-        t = group["tiles"]
-        xy, rc = t["xy"][:], t["rc"][:]
-        write_geojson(cfg.geojson, xy[:, 0], xy[:, 1], attrs["level0_tile"], attrs["level0_tile"],
-                      t["score_mean"][:], t["score_max"][:], threshold=attrs["threshold"]["value"],
-                      offset=tuple(attrs["geojson"]["offset"]), rows=rc[:, 0], cols=rc[:, 1],
-                      seed=f"{attrs['slide']['properties_sha256']}:{attrs['model']['sha256']}")
-        made.append("geojson")
-    if cfg.preview:
-        thumb = reader.thumbnail(PREVIEW_SIZE)
-        W, H = reader.dimensions
-        k = _heat_level_index(levels, PREVIEW_SIZE * 0.75)
-        heat = levels[k]
-        s = attrs["map"]["slide_px_per_map_px"] * 2**k
-        ox, oy = attrs["map"]["origin_level0"]
-        hh, hw = heat.shape
-        write_preview(cfg.preview, thumb, (W, H), heat[:], (ox, oy, ox + hw * s, oy + hh * s), vmin=vmin, vmax=vmax,
-                      title=f"{Path(str(cfg.slide)).name}: anomaly score")
-        made.append("preview")
-    return made
-
-
-def _write_missing_extras(cfg: InferConfig, out: Path) -> list[str]:
-    """A complete store already exists: produce only the requested extras that are not on disk yet."""
-    from dataclasses import replace
-
-    missing = replace(
-        cfg,
-        tiff=cfg.tiff if cfg.tiff and not (Path(cfg.tiff).exists() and rgb_path_for(cfg.tiff).exists()) else None,
-        geojson=cfg.geojson if cfg.geojson and not Path(cfg.geojson).exists() else None,
-        preview=cfg.preview if cfg.preview and not Path(cfg.preview).exists() else None,
-    )
-    if not (missing.tiff or missing.geojson or missing.preview):
-        return []
-    group = writers.open_store(out)
-    attrs = writers.read_attrs(out)
-    reader = None
-    if missing.preview:
-        from ..slide.reader import open_slide
-
-        reader = open_slide(cfg.slide)
-    return _write_extras(missing, group, attrs, reader)

@@ -11,20 +11,22 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import OutputError
+from ..fileio import atomic_output
 from .ome_tiff import CMAP
-from .writers import atomic_path, discard
 
 
 def write_preview(path: str | Path, thumbnail: np.ndarray, slide_size: tuple[int, int], heat: np.ndarray,
                   heat_extent: tuple[float, float, float, float], *, vmin: float, vmax: float,
                   title: str = "", alpha: float = 0.6, dpi: int = 100) -> Path:
-    """``heat_extent`` = (x0, y0, x1, y1) of ``heat`` in level-0 pixels; ``slide_size`` = (width, height)."""
+    """``heat_extent`` = (x0, y0, x1, y1) of ``heat`` in level-0 pixels; ``slide_size`` = (width, height).
+
+    Atomic (``fileio.atomic_output``): a failed write leaves nothing at ``path``.
+    An OSError (a full disk) propagates; infer turns it into one line naming the output.
+    """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     path = Path(path)
-    tmp = atomic_path(path)
     W, H = slide_size
     th, tw = thumbnail.shape[:2]
     fig_w = max(4.0, tw / dpi + 1.6)
@@ -46,10 +48,6 @@ def write_preview(path: str | Path, thumbnail: np.ndarray, slide_size: tuple[int
     cb = fig.colorbar(im, cax=cax)
     cb.solids.set_alpha(1.0)
     cb.set_label("anomaly score")
-    try:
+    with atomic_output(path) as tmp:
         fig.savefig(tmp, format="png", dpi=dpi)
-        tmp.replace(path)
-    except OSError as exc:
-        discard(tmp)
-        raise OutputError(f"{path}: cannot write preview ({exc.strerror or exc})") from None
     return path

@@ -1,9 +1,10 @@
 """The OUT.zarr result store: an OME-NGFF 0.4 multiscale heatmap on Zarr format 2, plus tile tables.
 
 Why it looks like this:
-- The store is built in a sibling temp directory and renamed onto the final name only after the completion
-  marker is in it, so a killed run never leaves something that looks finished under the final name, and a
-  rerun simply deletes the leftover temp directory and starts again.
+- The store is built in a sibling temp directory (``fileio.partial_name``: fixed, safe under the output's
+  lock) and renamed onto the final name only after the completion marker is in it, together with the
+  slide's other outputs (``fileio.publish``): a killed run never leaves something that looks finished under
+  a final name, and a rerun simply deletes the leftover temp directory and starts again.
 - Level 0 of the map is assembled chunk by chunk: tiles arrive in any order, each is pasted into an
   in-memory buffer of the 512x512 chunk(s) it covers, and a chunk is written (once, without reading it
   back) as soon as every tile that touches it has arrived. Only chunks with pending tiles are held, which
@@ -22,7 +23,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,18 +30,13 @@ from typing import Any
 import numpy as np
 
 from ..errors import OutputError
+from ..fileio import os_reason, remove_path
 
 CHUNK = 512
 #: The pyramid goes down until the longest side is at most this many pixels (one TIFF tile).
 MIN_LEVEL_SIZE = 256
 MARKER = ".complete"
 ATTR = "wsi_haloae"
-
-
-def tmp_path_for(out: Path) -> Path:
-    """The sibling directory a store is built in (a fixed name, so a rerun finds and removes leftovers)."""
-    out = Path(out)
-    return out.with_name(f".{out.name}.partial")
 
 
 def is_complete(out_zarr: str | Path) -> bool:
@@ -117,14 +112,10 @@ def open_new_store(path: Path):
     """A fresh zarr v2 group at ``path`` with '/'-separated chunk keys (OME-NGFF 0.4 requires them)."""
     import zarr
 
-    if path.exists():
-        shutil.rmtree(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        store = zarr.DirectoryStore(str(path), dimension_separator="/")
-        return zarr.open_group(store, mode="w")
-    except OSError as exc:
-        raise OutputError(f"{path}: cannot write output ({exc.strerror or exc})") from None
+    remove_path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    store = zarr.DirectoryStore(str(path), dimension_separator="/")
+    return zarr.open_group(store, mode="w")
 
 
 def open_store(path: Path, mode: str = "r"):
@@ -300,38 +291,18 @@ def map_levels(group) -> list:
     return [group[d["path"]] for d in ms]
 
 
-def finalize(tmp: Path, out: Path, attrs: dict[str, Any]) -> None:
-    """Write the completion marker (attribute, then file) LAST, then move the store onto its final name."""
+def mark_complete(tmp: Path, attrs: dict[str, Any]) -> None:
+    """Write the completion marker (attribute, then file) into a finished store: the last thing written to it.
+
+    The store is still under its temp name; ``fileio.publish`` then moves it (with the slide's other outputs)
+    onto its final name.
+    """
     g = open_store(tmp, mode="r+")
-    attrs = dict(attrs, complete=True)
-    g.attrs[ATTR] = attrs
-    marker = tmp / MARKER
-    with open(marker, "w") as f:
+    g.attrs[ATTR] = dict(attrs, complete=True)
+    with open(Path(tmp) / MARKER, "w") as f:
         f.write(json.dumps({"end_time": attrs.get("end_time")}) + "\n")
         f.flush()
         os.fsync(f.fileno())
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old")
-        if old.exists():
-            shutil.rmtree(old)
-        out.rename(old)
-    tmp.rename(out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def atomic_path(final: Path) -> Path:
-    """Temp name beside ``final`` for a single-file output (renamed onto ``final`` when written)."""
-    return final.with_name(f".{final.name}.partial")
-
-
-def discard(path: Path) -> None:
-    """Remove a temp file if it is there (never raises: it runs while another error is being reported)."""
-    try:
-        Path(path).unlink(missing_ok=True)
-    except OSError:
-        pass
 
 
 def check_writable(path: Path, what: str) -> None:
@@ -340,7 +311,7 @@ def check_writable(path: Path, what: str) -> None:
     try:
         parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise OutputError(f"{path}: cannot create {what} folder {parent} ({exc.strerror or exc})") from None
+        raise OutputError(f"{path}: cannot create the folder {parent} for the {what} ({os_reason(exc)})") from None
     if not os.access(parent, os.W_OK | os.X_OK):
         raise OutputError(f"{path}: cannot write {what} (folder {parent} is not writable)")
     if Path(path).exists() and Path(path).is_dir() and what != "zarr store":
