@@ -122,6 +122,7 @@ def _infer_options(readers: str):
         click.option("--device", default=_OPT.device, type=DEVICE, show_default=True),
         click.option("--pixel-downsample", default=_OPT.pixel_downsample, show_default=True, type=click.IntRange(min=1), help="Slide pixels per heatmap pixel at level 0 of the map."),
         click.option("--min-tissue", default=_OPT.min_tissue, show_default=True, type=click.FloatRange(0, 1)),
+        click.option("--ngff", default=_OPT.ngff, type=click.Choice(["0.4", "0.5"]), show_default=True, help="OME-NGFF version of the .zarr store: 0.4 on Zarr 2 (QuPath 0.6 reads it) or 0.5 on Zarr 3."),
         click.option("--overwrite", is_flag=True, help="Redo outputs that are already complete."),
     ]
 

@@ -246,7 +246,7 @@ def _run(cfg: InferConfig, paths: dict[str, Path], loaded, t_start: float) -> In
     temps = {k: partial_name(p) for k, p in extras.items()}
     try:
         with _writing(out, STORE.what):
-            group = writers.open_new_store(tmp)
+            group = writers.open_new_store(tmp, ngff=opts.ngff)
             level0 = writers.create_map_level(group, "0", (geom.height, geom.width))
         assembler = writers.ChunkAssembler(level0, px, py, block)
         score_mean = np.full(n, np.nan, np.float32)
@@ -288,6 +288,7 @@ def _run(cfg: InferConfig, paths: dict[str, Path], loaded, t_start: float) -> In
             "level0_tile": grid.level0_tile,
             "min_tissue": opts.min_tissue,
             "pixel_downsample": opts.pixel_downsample,
+            "ngff": opts.ngff,
             "map": {
                 "um_per_px": geom.um,
                 "slide_px_per_map_px": geom.slide_px,
@@ -446,9 +447,9 @@ def _write_tables(group, grid, px, py, score_mean, score_max, ok) -> None:
     for name, vals in (("score_mean", score_mean), ("score_max", score_max)):
         a = np.full((grid.n_rows, grid.n_cols), np.nan, np.float32)
         a[grid.rows, grid.cols] = vals
-        g.create_dataset(name, data=a, chunks=(min(1024, max(1, grid.n_rows)), min(1024, max(1, grid.n_cols))),
-                         fill_value=np.nan)
+        writers.create_array(g, name, data=a, fill_value=np.nan,
+                             chunks=(min(1024, max(1, grid.n_rows)), min(1024, max(1, grid.n_cols))))
     g.attrs["description"] = "(n_rows, n_cols) tile scores; NaN where there is no tissue or the tile was unreadable"
-    m = group.create_dataset("mask", data=grid.mask.astype(np.uint8), chunks=(1024, 1024), fill_value=0)
+    m = writers.create_array(group, "mask", data=grid.mask.astype(np.uint8), chunks=(1024, 1024), fill_value=0)
     m.attrs["downsample"] = float(grid.mask_downsample)
     m.attrs["description"] = "tissue mask (1 = tissue); mask pixel (0, 0) = level-0 (0, 0); downsample = level-0 px per mask px"
