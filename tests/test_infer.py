@@ -179,7 +179,7 @@ def test_run_infer_returns_and_logs_but_never_prints(synthetic_slide, tmp_path, 
     import logging
 
     cfg = cfg_for(synthetic_slide, tmp_path, geojson=tmp_path / "t.geojson")
-    with caplog.at_level(logging.INFO, logger="wsi_haloae.infer.engine"):
+    with caplog.at_level(logging.DEBUG, logger="wsi_haloae.infer.engine"):
         result = run_infer(cfg, loaded=probe())
         again = run_infer(with_(cfg, preview=tmp_path / "p.png"), loaded=probe())
     out, err = capfd.readouterr()
@@ -214,6 +214,21 @@ def test_ngff_05_on_zarr_3_holds_the_same_result(synthetic_slide, tmp_path, prob
         np.testing.assert_array_equal(a[:], b[:])
     assert result.summary == ref.summary
     assert run_infer(cfg, loaded=probe()).status == "skipped"  # completeness is read from zarr.json
+
+
+def test_a_complete_store_of_another_slide_or_model_is_not_taken_for_this_run(synthetic_slide, tmp_path):
+    from wsi_haloae.slide.synthetic import write_synthetic_slide
+
+    cfg = cfg_for(synthetic_slide, tmp_path)
+    run_infer(cfg, loaded=probe())
+    other = write_synthetic_slide(tmp_path / "other.tif", width=1024, height=1024, mpp=0.5, seed=3)
+    with pytest.raises(OutputError, match="made from another slide"):
+        run_infer(with_(cfg, slide=other), loaded=probe())
+    m = probe()
+    m.sha256 = "1" * 64
+    with pytest.raises(OutputError, match="made by another model"):
+        run_infer(cfg, loaded=m)
+    assert run_infer(with_(cfg, slide=other, overwrite=True), loaded=m).status == "done"
 
 
 @pytest.mark.parametrize("downsample", [1, 8])
