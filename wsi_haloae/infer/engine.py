@@ -374,19 +374,17 @@ def slide_summary(score_mean: np.ndarray, mask: np.ndarray, threshold: float | N
     }
 
 
-def _scorer(loaded, device: torch.device, block: int) -> Callable[[torch.Tensor], tuple]:
-    """The per-batch computation on the device: uint8 tiles (B, 3, T, T) -> (map blocks (B, block, block),
-    tile mean scores (B,), tile max scores (B,)), all still on the device."""
+def _scorer(model: torch.nn.Module, mean_map: torch.Tensor, block: int) -> Callable[[torch.Tensor], tuple]:
+    """The per-batch computation: uint8 tiles (B, 3, T, T) on the model's device -> (map blocks (B, block,
+    block), tile mean scores (B,), tile max scores (B,)), all still on that device."""
     from ..model.anomaly_map import postprocess, tile_scores
 
-    model = loaded.model
     fm = model.config.fm_size
-    cuda = device.type == "cuda"
-    mean_map = loaded.mean_map.to(device).float()
+    cuda = mean_map.device.type == "cuda"
 
     def score(tiles: torch.Tensor) -> tuple:
         x = tiles.float().div_(255.0).contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cuda):
+        with torch.autocast(device_type="cuda" if cuda else "cpu", dtype=torch.bfloat16, enabled=cuda):
             raw = model.anomaly_map(x)
         raw = raw.float()
         pp = postprocess(raw, mean_map)
@@ -400,12 +398,13 @@ def _scorer(loaded, device: torch.device, block: int) -> Callable[[torch.Tensor]
     return score
 
 
-def _batch_size(cfg: InferConfig, score, model, device: torch.device, n: int, block: int, workers: int) -> int:
+def _batch_size(cfg: InferConfig, model, mean_map: torch.Tensor, device: torch.device, n: int, block: int,
+                workers: int) -> int:
     """``--batch-size``, reduced with a warning to what fits in memory (infer/batch.py)."""
     requested = cfg.options.batch_size
-    if n == 0:
-        return requested
-    per_model = batch.bytes_per_tile(score, model, model.config.tile_size, device)
+    if min(requested, n) <= 1:
+        return requested  # nothing to reduce
+    per_model = batch.bytes_per_tile(lambda m, mm: _scorer(m, mm, block), model, mean_map, device)
     per_host = batch.host_bytes_per_tile(model.config.tile_size, block, workers, QUEUE_BATCHES)
     return batch.fit_batch_size(requested, n, device, per_model, per_host, batch.available_host_bytes(),
                                 batch.available_device_bytes(device))
@@ -428,13 +427,14 @@ def _run_tiles(cfg: InferConfig, loaded, device: torch.device, grid, target: flo
     # channels_last on every device: cuDNN's and oneDNN's fast convolution layout (+30-60 % tiles per CPU
     # second measured in benchmarks/RESULTS.md, same outputs)
     loaded.model.to(memory_format=torch.channels_last)
-    score = _scorer(loaded, device, block)
+    mean_map = loaded.mean_map.to(device).float()
+    score = _scorer(loaded.model, mean_map, block)
     workers = opts.workers
     if workers and multiprocessing.current_process().daemon:
         log.warning("%s: running in a daemonic process, which cannot start tile readers: reading in-process", cfg.slide)
         workers = 0
-    batch_size = _batch_size(cfg, score, loaded.model, device, n, block, workers)
-    workers = min(workers, n // batch_size)  # a slide of one batch is read faster in-process
+    batch_size = _batch_size(cfg, loaded.model, mean_map, device, n, block, workers)
+    workers = min(workers, (n - 1) // batch_size)  # a slide of one batch is read faster in-process
     max_failed = int(math.floor(opts.max_failed_fraction * n))
     ds = TileDataset(cfg.slide, grid.xs, grid.ys, mcfg.tile_size, target)
     loader = make_loader(ds, batch_size, workers, pin_memory=cuda)
