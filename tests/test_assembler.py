@@ -232,3 +232,42 @@ def test_window_origins_on_the_map():
     with pytest.raises(BadInputError, match="windows per tile do not fit"):
         writers.MapGeometry(height=1, width=1, origin_x=0.0, origin_y=0.0, slide_px=64.0, um=1.0,
                             block=4).window_origins(np.array([0]), np.array([0]), 8)
+
+
+@pytest.mark.parametrize("overlap", [0.0, 0.5])
+def test_padded_windows_land_where_they_belong(tmp_path, synthetic_slide, overlap):
+    """The building blocks end to end with a probe 'model' (darkness, 4x4-pooled): grid with edge tiles on a
+    slide with a bounds offset, windows, padded reads, map placement, blending, NaN off tissue. Every window
+    sees the same slide pixels where windows overlap, so the blended map must equal the darkness of the
+    bounds region read in one piece, pooled, with glass NaN, up to the map's cropped right/bottom edge."""
+    from wsi_haloae.slide.grid import build_grid, plan_windows
+    from wsi_haloae.slide.reader import SlideReader
+
+    r = SlideReader(synthetic_slide)
+    r.bounds = (100, 60, 1500, 1400)  # MIRAX-like, neither side a multiple of the tile, cutting the tissue
+    grid = build_grid(r, 0.5, min_tissue=0.1, cover_edges=True)
+    win = plan_windows(grid, overlap)
+    d = 4
+    geom = writers.MapGeometry.for_slide(r.bounds, 0.5, grid.scale, 256, d)
+    assert (geom.height, geom.width) == (350, 375) and (grid.n_rows, grid.n_cols) == (6, 6)
+    px, py = geom.window_origins(win.rows, win.cols, win.per_tile)
+    tissue = MapTissue(grid.mask, grid.mask_downsample, geom)
+    arr = _level0(tmp_path, geom.height, geom.width)
+    asm = MapAssembler(arr, px, py, 256 // d, blend_window(256 // d, win.per_tile), finalize=tissue)
+
+    def probe(rgb):
+        dark = 1.0 - rgb.astype(np.float64).mean(axis=2) / 255
+        h, w = dark.shape
+        return dark.reshape(h // d, d, w // d, d).mean(axis=(1, 3)).astype(np.float32)
+
+    for i in range(len(win)):
+        tile = r.read_scaled(int(win.xs[i]), int(win.ys[i]), 256, 256, grid.scale, fill=grid.background)
+        asm.add(i, probe(tile))
+    got = arr[:]
+    want = probe(r.read_region(100, 60, 0, 1500, 1400))
+    want[~tissue.block(0, 0, geom.height, geom.width)] = np.nan
+    covered = np.isfinite(got)
+    np.testing.assert_array_equal(covered, np.isfinite(want) & covered)  # NaN wherever there is glass
+    assert covered.sum() >= 0.98 * np.isfinite(want).sum()  # and nearly all tissue scored (tiles with < 0.1 are not)
+    np.testing.assert_allclose(got[covered], want[covered], rtol=1e-5, atol=1e-6)
+    assert np.isfinite(got[:, -1]).any() and np.isfinite(got[-1, :]).any()  # the partial strips are scored
