@@ -271,3 +271,25 @@ def test_padded_windows_land_where_they_belong(tmp_path, synthetic_slide, overla
     assert covered.sum() >= 0.98 * np.isfinite(want).sum()  # and nearly all tissue scored (tiles with < 0.1 are not)
     np.testing.assert_allclose(got[covered], want[covered], rtol=1e-5, atol=1e-6)
     assert np.isfinite(got[:, -1]).any() and np.isfinite(got[-1, :]).any()  # the partial strips are scored
+
+
+def test_seam_measure(tmp_path):
+    from wsi_haloae.infer.seams import seam_steps
+
+    rng = np.random.default_rng(0)
+    b = 16
+    tiles = np.kron(rng.random((6, 7)), np.ones((b, b)))  # constant per tile: steps only at borders
+    s = seam_steps(tiles, b)
+    assert s.inner == 0 and s.border > 0.2 and s.ratio == float("inf")
+    assert s.n_border == 6 * b * 6 + 5 * 7 * b and s.n_inner == 6 * b * (7 * b - 1) + (6 * b - 1) * 7 * b - s.n_border
+    Y, X = np.mgrid[0:6 * b, 0:7 * b]
+    ramp = 0.5 * X - 0.5 * Y  # smooth: the same step everywhere
+    assert seam_steps(ramp, b).ratio == pytest.approx(1.0)
+    noisy = ramp + np.kron(5 * rng.random((6, 7)), np.ones((b, b)))
+    arr = _level0(tmp_path, 6 * b, 7 * b)  # zarr, read in blocks of rows that cut through tiles
+    arr[:] = noisy.astype(np.float32)
+    whole, blocks = seam_steps(noisy, b), seam_steps(arr, b, rows=5)
+    assert blocks.n_border == whole.n_border and blocks.border == pytest.approx(whole.border, rel=1e-5)
+    assert whole.ratio > 1.5
+    shifted = seam_steps(np.pad(tiles, ((3, 0), (5, 0)), constant_values=np.nan), b, origin=(3, 5))
+    assert shifted.inner == 0 and shifted.n_border == s.n_border  # NaN pairs are left out
