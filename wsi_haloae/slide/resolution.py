@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 from ..errors import BadInputError, BadSlideError
 
-#: Microns per pixel at 1x under the usual convention: 10x ≈ 1.0, 20x ≈ 0.5, 40x ≈ 0.25 µm/px. Scanners
-#: differ a little (Aperio 40x ≈ 0.2525, Hamamatsu 40x ≈ 0.2275); reads snap to a pyramid level within 2 %.
+#: Microns per pixel at 1x under the usual convention: 10x = 1.0, 20x = 0.5, 40x = 0.25 µm/px. Scanners
+#: differ by a few per cent (CMU-1, a 20x Aperio scan, records 0.499); reads snap to a level within 2 %.
 MPP_AT_1X = 10.0
 #: Relative difference between the target and the model's training mpp above which we warn.
 MODEL_MPP_TOLERANCE = 0.10
