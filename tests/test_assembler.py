@@ -293,3 +293,29 @@ def test_seam_measure(tmp_path):
     assert whole.ratio > 1.5
     shifted = seam_steps(np.pad(tiles, ((3, 0), (5, 0)), constant_values=np.nan), b, origin=(3, 5))
     assert shifted.inner == 0 and shifted.n_border == s.n_border  # NaN pairs are left out
+
+
+def test_tile_dataset_reads_padded_edge_tiles_at_the_grids_scale(synthetic_slide):
+    from wsi_haloae.infer.dataset import TileDataset
+    from wsi_haloae.slide.grid import build_grid
+    from wsi_haloae.slide.reader import SlideReader
+    from wsi_haloae.slide.resolution import Resolution
+
+    r = SlideReader(synthetic_slide)
+    # a declared level 0 (--slide-mpp 0.25) at a 0.5 target: 2 level-0 px per tile px, read from level 1
+    g = build_grid(r, Resolution(0.5, 0.25, "--mpp", True), tile_size=300, min_tissue=0, cover_edges=True)
+    assert g.scale == 2.0 and (g.n_rows, g.n_cols) == (4, 4) and g.xs.max() == 1800
+    ds = TileDataset(synthetic_slide, g.xs, g.ys, 300, None, scale=g.scale, fill=g.background)
+    last = int(np.flatnonzero((g.xs == 1800) & (g.ys == 1800))[0])
+    tile, i, ok = ds[last]
+    assert ok and i == last and tile.shape == (3, 300, 300)
+    t = tile.permute(1, 2, 0).numpy()
+    np.testing.assert_array_equal(t[:124, :124], r.read_region(1800, 1800, 1, 124, 124))  # 248 level-0 px inside
+    assert (t[124:] == g.background).all() and (t[:, 124:] == g.background).all()
+
+
+def test_an_assembler_without_windows_writes_nothing(tmp_path):
+    arr = _level0(tmp_path, 100, 100)
+    asm = MapAssembler(arr, np.zeros(0, np.int64), np.zeros(0, np.int64), 16, blend_window(16, 2))
+    asm.finish()
+    assert asm.written == set() and arr.nchunks_initialized == 0 and np.isnan(arr[:]).all()
