@@ -258,7 +258,7 @@ def plan_windows(grid: TileGrid, overlap: float, min_tissue: float | None = None
 
     A window is scored when it is a kept grid tile's own window, or when it holds ≥ ``min_tissue`` (default:
     the grid's threshold) and overlaps a kept grid tile; so the map covers the kept tiles and their tissue
-    (annotations included) and never reaches beyond half a tile from them. Windows run past the bounds only
+    (annotations included) and never reaches a whole tile beyond them. Windows run past the bounds only
     as far as the grid's own tiles do (``cover_edges``). Row-major order, as the map assembler wants.
     """
     if grid.stride != grid.tile_size:
