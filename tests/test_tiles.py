@@ -148,13 +148,14 @@ def test_broken_slides_one_line_error(parts, tmp_path):
 
 
 @pytest.mark.shared
-def test_tcga_without_mpp_refused_then_works_with_it(tmp_path):
+def test_tcga_without_mpp_refused_then_works_with_slide_mpp(tmp_path):
     p = shared_path("histolab-fixtures", "tests", "fixtures", "svs-images", "tcga-cr-7395-01a-01-ts1.svs")
     out = tmp_path / "out"
-    res = _cli(p, "--out", out)
-    assert res.exit_code == 2 and "--mpp" in res.stderr and str(p) in res.stderr
-    assert not out.exists()
-    res = _cli(p, "--out", out, "--mpp", "1.0", "--max-tiles", "3")
+    for args in ((), ("--mpp", "1.0"), ("--magnification", "10x")):  # a target alone does not say what level 0 is
+        res = _cli(p, "--out", out, *args)
+        assert res.exit_code == 2 and "--slide-mpp" in res.stderr and str(p) in res.stderr
+        assert not out.exists()
+    res = _cli(p, "--out", out, "--slide-mpp", "1.0", "--max-tiles", "3")
     assert res.exit_code == 0, res.output
     rows = _manifest(out)
     assert len(rows) == 3 and {r["mpp"] for r in rows} == {"1"} and {r["level0_size"] for r in rows} == {"256"}
@@ -195,7 +196,7 @@ def test_flat_tiff_kidney_via_pillow(tmp_path):
     """A plain strip TIFF OpenSlide refuses: read whole (it is small); its one tissue fragment is found."""
     p = shared_path("histolab-fixtures", "tests", "fixtures", "tiff-images", "kidney-48-5.tif")
     out = tmp_path / "out"
-    res = _cli(p, "--out", out, "--mpp", "8", "--tile-size", "32")
+    res = _cli(p, "--out", out, "--slide-mpp", "8", "--tile-size", "32")  # records no mpp: declare it
     assert res.exit_code == 0, res.output
     rows = _manifest(out)
     assert 1 <= len(rows) <= 10

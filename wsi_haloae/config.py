@@ -179,6 +179,8 @@ class TilesConfig:
     slide: Path
     out: Path
     mpp: float | None = None
+    magnification: str | None = None  # e.g. "20x": another way to give the target mpp (slide.resolution)
+    slide_mpp: float | None = None  # the scan's level-0 µm/px, for slides that do not record it
     tile_size: int = 256
     stride: int | None = None
     min_tissue: float = 0.5

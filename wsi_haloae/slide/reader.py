@@ -286,42 +286,72 @@ class SlideReader:
                 best = i
         return best
 
-    def scale_for(self, mpp: float | None) -> float:
+    def scale_for(self, mpp: float | None, level0_mpp: float | None = None) -> float:
         """Level-0 px per output px at target ``mpp``; snapped to a pyramid level within 2 %.
 
-        A slide without mpp read at a given ``mpp`` is taken to be *at* that mpp at level 0 (scale 1).
+        ``level0_mpp`` replaces the file's level-0 resolution (the user's ``--slide-mpp``, see
+        ``resolution.resolve_resolution``). A slide without either, read at a given ``mpp``, is taken to be
+        *at* that mpp at level 0 (scale 1).
         """
-        if mpp is None or self.mpp is None:
+        level0 = level0_mpp if level0_mpp is not None else self.mpp
+        if mpp is None or level0 is None:
             return 1.0
-        s = mpp / self.mpp
+        s = mpp / level0
         for d in self.level_downsamples:
             if abs(s / d - 1) <= SCALE_TOLERANCE:
                 return float(d)
         return float(s)
 
-    def read_scaled(self, x: float, y: float, w: int, h: int, scale: float) -> np.ndarray:
+    def read_scaled(self, x: float, y: float, w: int, h: int, scale: float,
+                    fill: tuple[int, int, int] | None = None) -> np.ndarray:
         """RGB uint8 (h, w, 3): the level-0 rectangle at (x, y) of size (w·scale, h·scale), resampled.
 
         Reads the best pyramid level and resizes with Lanczos (antialiased when shrinking); exact (no
-        resampling) when a level's downsample equals ``scale``.
+        resampling) when a level's downsample equals ``scale``. With ``fill``, everything outside
+        ``bounds`` (beyond the slide, or outside a MIRAX-like scanned region) is that colour *before*
+        resampling, the same for OpenSlide and flat images, so an edge tile is the slide padded with it.
         """
         level = self.best_level(scale)
         d = self.level_downsamples[level]
         r = scale / d  # level px per output px
         lx, ly = x / d, y / d
         if abs(r - 1) < 1e-9:
-            return self.read_region(int(round(lx * d)), int(round(ly * d)), level, w, h)
+            rx, ry = int(round(lx * d)), int(round(ly * d))
+            region = self.read_region(rx, ry, level, w, h)
+            return self._fill_outside(region, rx, ry, d, fill) if fill is not None else region
         m = 3 if r > 1 else 2  # margin for the filter support, in level px
         ix0, iy0 = math.floor(lx) - m, math.floor(ly) - m
         ix1, iy1 = math.ceil(lx + w * r) + m, math.ceil(ly + h * r) + m
-        region = self.read_region(int(round(ix0 * d)), int(round(iy0 * d)), level, ix1 - ix0, iy1 - iy0)
+        rx, ry = int(round(ix0 * d)), int(round(iy0 * d))
+        region = self.read_region(rx, ry, level, ix1 - ix0, iy1 - iy0)
+        if fill is not None:
+            region = self._fill_outside(region, rx, ry, d, fill)
         box = (lx - ix0, ly - iy0, lx - ix0 + w * r, ly - iy0 + h * r)
         out = Image.fromarray(region).resize((w, h), Image.Resampling.LANCZOS, box=box)
         return np.asarray(out)
 
-    def read_tile(self, x: int, y: int, size: int, mpp: float | None) -> np.ndarray:
-        """RGB uint8 (size, size, 3) at target ``mpp`` whose top-left is level-0 (x, y)."""
-        return self.read_scaled(x, y, size, size, self.scale_for(mpp))
+    def _fill_outside(self, region: np.ndarray, x: int, y: int, d: float, fill: tuple[int, int, int]) -> np.ndarray:
+        """``region`` (read at downsample ``d`` from level-0 (x, y)) with its pixels outside ``bounds`` set to ``fill``.
+
+        A pixel is outside when its centre is; the bounds edges are mapped to the level by ``round``.
+        """
+        bx, by, bw, bh = self.bounds
+        h, w = region.shape[:2]
+        c0 = min(w, max(0, int(round((bx - x) / d))))
+        c1 = min(w, max(0, int(round((bx + bw - x) / d))))
+        r0 = min(h, max(0, int(round((by - y) / d))))
+        r1 = min(h, max(0, int(round((by + bh - y) / d))))
+        if (c0, r0, c1, r1) == (0, 0, w, h):
+            return region
+        out = np.empty_like(region)
+        out[...] = np.asarray(fill, dtype=np.uint8)
+        out[r0:r1, c0:c1] = region[r0:r1, c0:c1]
+        return out
+
+    def read_tile(self, x: int, y: int, size: int, mpp: float | None,
+                  fill: tuple[int, int, int] | None = None) -> np.ndarray:
+        """RGB uint8 (size, size, 3) at target ``mpp`` whose top-left is level-0 (x, y); ``fill``: see ``read_scaled``."""
+        return self.read_scaled(x, y, size, size, self.scale_for(mpp), fill)
 
     def read_lowres(self, downsample: float) -> np.ndarray:
         """The whole slide at ``downsample`` level-0 px per pixel, read in bounded chunks (memory ∝ output)."""

@@ -32,6 +32,7 @@ from ..errors import BadInputError, BadSlideError, OutputError
 from ..fileio import atomic_output
 from .grid import TileGrid, build_grid
 from .reader import SlideReader, TileReadError, open_slide
+from .resolution import resolve_resolution
 
 log = logging.getLogger(__name__)
 
@@ -84,13 +85,16 @@ def _save_atomic(img: np.ndarray, final: Path, fmt: str) -> None:
             im.save(tmp, format="JPEG", quality=JPEG_QUALITY)
 
 
-def _write_chunk(slide: str, mpp: float | None, size: int, fmt: str, items: list[tuple[int, int, str]]) -> tuple[int, list[str]]:
-    """Worker body: read and write a few tiles with this process's reader. Returns (written, errors)."""
+def _write_chunk(slide: str, scale: float, size: int, fmt: str, items: list[tuple[int, int, str]]) -> tuple[int, list[str]]:
+    """Worker body: read and write a few tiles with this process's reader. Returns (written, errors).
+
+    ``scale``: level-0 px per tile px, the grid's (it already holds any ``--slide-mpp``).
+    """
     reader = open_slide(slide)
     written, errors = 0, []
     for x, y, final in items:
         try:
-            img = reader.read_tile(x, y, size, mpp)
+            img = reader.read_scaled(x, y, size, size, scale)
         except TileReadError as exc:
             errors.append(str(exc))
             continue
@@ -168,7 +172,11 @@ def run_tiles(cfg: TilesConfig, progress: bool = True) -> TilesSummary:
         raise BadInputError("--class needs --annotations")
     slide = Path(cfg.slide)
     reader: SlideReader = open_slide(slide)  # BadSlideError for anything unopenable, before any output
-    grid = build_grid(reader, cfg.mpp, cfg.tile_size, cfg.stride, cfg.min_tissue, cfg.annotations, cfg.class_name)
+    res = resolve_resolution(str(slide), reader.mpp, slide_mpp=cfg.slide_mpp, mpp=cfg.mpp,
+                             magnification=cfg.magnification)
+    for line in res.warnings:
+        log.warning(line)
+    grid = build_grid(reader, res, cfg.tile_size, cfg.stride, cfg.min_tissue, cfg.annotations, cfg.class_name)
     n_kept_grid = len(grid)
     if n_kept_grid == 0:
         log.warning("%s: none of the %d grid tiles has ≥ %.2f tissue%s; see the thumbnail, or lower --min-tissue",
@@ -184,7 +192,7 @@ def run_tiles(cfg: TilesConfig, progress: bool = True) -> TilesSummary:
     names = [tile_name(stem, x, y, fmt) for x, y in zip(grid.xs.tolist(), grid.ys.tolist())]
     exists = np.array([(out / n).is_file() for n in names], dtype=bool)
     todo = [(int(grid.xs[i]), int(grid.ys[i]), str(out / names[i])) for i in np.flatnonzero(~exists)]
-    mpp = grid.mpp
+    scale = grid.scale
     slide_arg = str(slide)
 
     errors: list[str] = []
@@ -198,7 +206,7 @@ def run_tiles(cfg: TilesConfig, progress: bool = True) -> TilesSummary:
     if cfg.workers == 1 or len(chunks) <= 1:
         with new_bar() as bar:
             for ch in chunks:
-                w, e = _write_chunk(slide_arg, mpp, grid.tile_size, fmt, ch)
+                w, e = _write_chunk(slide_arg, scale, grid.tile_size, fmt, ch)
                 written += w
                 errors += e
                 bar.update(len(ch))
@@ -208,7 +216,7 @@ def run_tiles(cfg: TilesConfig, progress: bool = True) -> TilesSummary:
         # fork (as DataLoader does): workers start at once, each opens its own handle via open_slide
         ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else None
         with ProcessPoolExecutor(max_workers=min(cfg.workers, len(chunks)), mp_context=ctx) as pool:
-            futs = {pool.submit(_write_chunk, slide_arg, mpp, grid.tile_size, fmt, ch): len(ch) for ch in chunks}
+            futs = {pool.submit(_write_chunk, slide_arg, scale, grid.tile_size, fmt, ch): len(ch) for ch in chunks}
             try:
                 with new_bar() as bar:  # after the fork: tqdm's monitor thread must not be forked
                     for fut in as_completed(futs):
