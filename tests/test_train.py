@@ -102,7 +102,8 @@ def test_resume_continues_to_the_same_weights(tiles, trained, tmp_path, monkeypa
 
 def test_model_metadata(tiles, trained):
     from wsi_haloae.model import load_model
-    from wsi_haloae.train.data import load_tiles, stack_tiles
+    from wsi_haloae.model.inputs import stack_tiles
+    from wsi_haloae.train.data import load_tiles
 
     loaded = load_model(trained)
     md = loaded.metadata
