@@ -7,7 +7,6 @@ of bounds must never reach a module constructor (it once allocated > 4 GB in ``i
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from checks import one_line_error, sha256
 from wsi_haloae.cli import main
 from wsi_haloae.config import MAX_MODEL_ELEMENTS, MODEL_BOUNDS, MPP_RANGE, Count, Int, ModelConfig, OneOf, StageConfig, Text
 from wsi_haloae.errors import BadInputError, BadModelFileError
@@ -50,16 +50,8 @@ def _rewrite(src: Path, dst: Path, config=None, metadata=None, tensors=None) -> 
     return dst
 
 
-def _sha(p: Path) -> str:
-    return hashlib.sha256(p.read_bytes()).hexdigest()
-
-
 def _one_line_exit_2(args: list[str]) -> str:
-    r = CliRunner().invoke(main, args)
-    assert r.exit_code == 2, (r.exit_code, r.output)
-    assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, r.stderr
-    assert "Traceback" not in r.output and r.stdout == ""
-    return r.stderr
+    return one_line_error(CliRunner().invoke(main, args))
 
 
 LIES = {
@@ -105,7 +97,7 @@ def test_lying_model_file_is_refused_before_any_module_is_built(good, tmp_path, 
         return real(cfg)
 
     monkeypatch.setattr(checkpoint, "HaloAE", spy)
-    before = _sha(p)
+    before = sha256(p)
     with pytest.raises(BadModelFileError) as e:
         load_model(p)
     msg = str(e.value)
@@ -113,24 +105,24 @@ def test_lying_model_file_is_refused_before_any_module_is_built(good, tmp_path, 
     assert all(d == "meta" for d in built), built  # nothing built for real, only shapes on the meta device
     if "tensor" not in case and "mean map" not in case:
         assert built == []  # config and metadata are refused before even the meta build
-    assert _sha(p) == before
+    assert sha256(p) == before
 
 
 @pytest.mark.parametrize("case", ["head_width 200000", "mpp 'abc'", "mpp -1"])
 def test_info_names_the_lie_in_one_line(good, tmp_path, case):
     edits, expected = LIES[case]
     p = _rewrite(good, tmp_path / "lying.safetensors", **edits)
-    before = _sha(p)
+    before = sha256(p)
     err = _one_line_exit_2(["info", "--model", str(p)])
     assert expected in err and "--mpp" not in err  # the user gave no --mpp: never blame it
-    assert _sha(p) == before
+    assert sha256(p) == before
 
 
 @pytest.mark.parametrize("case", ["mpp 0.001", "mpp 'abc'", "head_width 1e9"])
 def test_infer_and_evaluate_refuse_a_lying_model_and_write_nothing(good, tmp_path, synthetic_slide, case):
     edits, expected = LIES[case]
     model = _rewrite(good, tmp_path / "lying.safetensors", **edits)
-    before = {p: _sha(p) for p in (model, synthetic_slide)}
+    before = {p: sha256(p) for p in (model, synthetic_slide)}
     out = tmp_path / "out.zarr"
     err = _one_line_exit_2(["infer", str(synthetic_slide), "--model", str(model), "--out", str(out), "--device", "cpu"])
     assert expected in err
@@ -141,7 +133,7 @@ def test_infer_and_evaluate_refuse_a_lying_model_and_write_nothing(good, tmp_pat
     Image.new("RGB", (64, 64), (200, 100, 150)).save(data / "test" / "good" / "a.png")
     assert expected in _one_line_exit_2(["evaluate", "--model", str(model), "--data", str(data), "--device", "cpu",
                                          "--report", str(tmp_path / "report")])
-    assert {p: _sha(p) for p in before} == before
+    assert {p: sha256(p) for p in before} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["lying.safetensors", "mvtec"]  # no store, no report
 
 

@@ -11,6 +11,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
+from checks import fill_disk_at, one_line_error, sha256
 from conftest import shared_path
 from wsi_haloae.cli import main
 from wsi_haloae.config import TilesConfig
@@ -136,7 +137,7 @@ BROKEN = [
 
 @pytest.mark.shared
 @pytest.mark.parametrize("parts", BROKEN, ids=lambda p: p[-1])
-def test_broken_slides_one_line_error(parts, tmp_path):
+def test_broken_slidesone_line_error(parts, tmp_path):
     p = shared_path(*parts)
     out = tmp_path / "out"
     res = _cli(p, "--out", out, "--mpp", "0.5")
@@ -204,22 +205,6 @@ def test_flat_tiff_kidney_via_pillow(tmp_path):
 
 
 # -- outputs: never over an input, one run at a time, a full disk is one line (issue 13) ---------------------
-def _sha(p: Path) -> str:
-    import hashlib
-
-    return hashlib.sha256(p.read_bytes()).hexdigest()
-
-
-def _one_line_error(res, *fragments: str) -> str:
-    assert res.exit_code == 2, res.output
-    err = res.stderr.splitlines()[-1] if res.stderr else ""
-    assert err.startswith("error: ") and "Traceback" not in res.output, res.output
-    assert res.stderr.endswith(err + "\n") and sum(line.startswith("error") for line in res.stderr.splitlines()) == 1
-    for f in fragments:
-        assert f in err, err
-    return err
-
-
 @pytest.fixture
 def slide_copy(synthetic_slide, tmp_path) -> Path:
     p = tmp_path / "data" / "slide.tif"
@@ -234,11 +219,11 @@ def test_out_may_not_touch_an_input(slide_copy, tmp_path, where):
     ann.write_text(json.dumps({"type": "Feature", "properties": {},
                                "geometry": {"type": "Polygon", "coordinates": [[[0, 0], [900, 0], [900, 900], [0, 0]]]}}))
     out = {"the slide": slide_copy, "the folder of the slide": slide_copy.parent, "the annotations": ann}[where]
-    before = {p: _sha(p) for p in (slide_copy, ann)}
+    before = {p: sha256(p) for p in (slide_copy, ann)}
     listing = sorted(tmp_path.rglob("*"))
     res = _cli(slide_copy, "--out", out, "--mpp", "0.5", "--annotations", ann)
-    _one_line_error(res, str(out), "--out")
-    assert {p: _sha(p) for p in before} == before and sorted(tmp_path.rglob("*")) == listing
+    one_line_error(res, str(out), "--out")
+    assert {p: sha256(p) for p in before} == before and sorted(tmp_path.rglob("*")) == listing
 
 
 def test_a_second_run_on_the_folder_is_refused(slide_copy, tmp_path):
@@ -247,7 +232,7 @@ def test_a_second_run_on_the_folder_is_refused(slide_copy, tmp_path):
     out = tmp_path / "tiles"
     with output_lock(out, "tile folder"):  # what a run in another process holds
         res = _cli(slide_copy, "--out", out, "--mpp", "0.5")
-    _one_line_error(res, "another wsi-haloae run is writing this tile folder")
+    one_line_error(res, "another wsi-haloae run is writing this tile folder")
     assert not out.exists()
     assert _cli(slide_copy, "--out", out, "--mpp", "0.5").exit_code == 0  # released with its holder
 
@@ -255,21 +240,19 @@ def test_a_second_run_on_the_folder_is_refused(slide_copy, tmp_path):
 @pytest.mark.parametrize("target, nth", [("slide_", 3), ("tiles.csv", 1), ("slide.png", 1)],
                          ids=["tile", "manifest", "thumbnail"])
 def test_full_disk_is_one_line_and_leaves_no_partial_file(slide_copy, tmp_path, monkeypatch, target, nth):
-    from diskfull import fill_disk_at
-
     out = tmp_path / "tiles"
     out.mkdir()
     other = "slide,file,x,y,level0_size,tile_size,mpp,tissue\n/else/b.svs,b_0_0.png,0,0,256,256,0.5,1.0000\n"
     (out / "tiles.csv").write_text(other)  # another slide's rows, which a failed run must not lose
-    slide_sha = _sha(slide_copy)
+    slide_sha = sha256(slide_copy)
     hits = fill_disk_at(monkeypatch, target, nth)
     res = _cli(slide_copy, "--out", out, "--mpp", "0.5")
     assert hits["hits"] >= nth
-    err = _one_line_error(res, "(No space left on device)")
+    err = one_line_error(res, "(No space left on device)")
     named = {"slide_": "slide_", "tiles.csv": "tiles.csv: cannot write the tile manifest",
              "slide.png": "thumbnails/slide.png: cannot write the thumbnail"}[target]
     assert err.startswith(f"error: {out}/{named}")
-    assert _sha(slide_copy) == slide_sha
+    assert sha256(slide_copy) == slide_sha
     assert not [p for p in out.rglob("*") if p.name.endswith(".part") or p.name.endswith(".lock")]
     assert (out / "tiles.csv").read_text() == other  # the manifest, written last, says nothing of this slide
     if target != "tiles.csv":

@@ -16,6 +16,7 @@ from PIL import Image
 from safetensors.torch import load_file
 from skimage.data import immunohistochemistry
 
+from checks import fill_disk_at, one_line_error, sha256
 from wsi_haloae.cli import main
 from wsi_haloae.config import TrainConfig
 from wsi_haloae.errors import BadInputError, BadTilesError, OutputError
@@ -207,26 +208,11 @@ def test_dataset_samples_are_a_function_of_seed_epoch_index(tiles):
 
 
 # -- outputs: never over an input, one run at a time, a full disk keeps the last epoch (issue 13) ------------
-def _sha(p: Path) -> str:
-    import hashlib
-
-    return hashlib.sha256(p.read_bytes()).hexdigest()
-
-
 def _cli_train(tiles: Path, out: Path, *extra: str):
     args = ["train", "--tiles", str(tiles), "--out", str(out), "--preset", "tiny", "--epochs", "2",
             "--samples-per-epoch", "1", "--batch-size", "1", "--backbone-weights", "random", "--workers", "0",
             "--device", "cpu", "--seed", "3", *extra]
     return CliRunner().invoke(main, args)
-
-
-def _one_line_error(res, *fragments: str) -> str:
-    assert res.exit_code == 2, res.output
-    lines = [line for line in res.stderr.splitlines() if line.startswith("error")]
-    assert len(lines) == 1 and res.stderr.endswith(lines[0] + "\n") and "Traceback" not in res.output, res.output
-    for f in fragments:
-        assert f in lines[0], lines[0]
-    return lines[0]
 
 
 def _leftovers(folder: Path) -> list[str]:
@@ -243,14 +229,14 @@ def test_out_may_not_be_an_input_or_a_foreign_file(tiles, tmp_path, synthetic_sl
         tiles / "t0.png": "lies inside the tile folder",
         tiles / "model.safetensors": "lies inside the tile folder",
     }
-    before = {p: _sha(p) for p in [slide, *tiles.iterdir()]}
+    before = {p: sha256(p) for p in [slide, *tiles.iterdir()]}
     for out, why in cases.items():
-        _one_line_error(_cli_train(tiles, out), why)
+        one_line_error(_cli_train(tiles, out), why)
     weights = tmp_path / "vgg.safetensors"
     weights.write_bytes(b"weights")
-    _one_line_error(CliRunner().invoke(main, ["train", "--tiles", str(tiles), "--out", str(weights),
+    one_line_error(CliRunner().invoke(main, ["train", "--tiles", str(tiles), "--out", str(weights),
                                               "--backbone-weights", str(weights)]), "would overwrite the backbone weights")
-    assert {p: _sha(p) for p in before} == before
+    assert {p: sha256(p) for p in before} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["link.safetensors", "slide.tif", "vgg.safetensors"]
 
 
@@ -260,7 +246,7 @@ def test_a_second_run_on_the_model_is_refused(tiles, tmp_path):
     out = tmp_path / "model.safetensors"
     with output_lock(out, "model file"):  # what a run in another process holds
         res = _cli_train(tiles, out)
-    _one_line_error(res, "another wsi-haloae run is writing this model file")
+    one_line_error(res, "another wsi-haloae run is writing this model file")
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
@@ -270,21 +256,19 @@ def test_a_second_run_on_the_model_is_refused(tiles, tmp_path):
     (f"model.safetensors.{os.getpid()}.part", 1, 1, "model.safetensors: cannot write the model file"),
 ], ids=["resume", "metrics", "model"])
 def test_full_disk_keeps_the_last_complete_epoch(tiles, tmp_path, monkeypatch, target, nth, epochs, named):
-    from diskfull import fill_disk_at
-
     out = tmp_path / "model.safetensors"
     resume = tmp_path / "model.resume.safetensors"
-    tiles_before = {p: _sha(p) for p in tiles.iterdir()}
+    tiles_before = {p: sha256(p) for p in tiles.iterdir()}
     hits = fill_disk_at(monkeypatch, target, nth)
     res = _cli_train(tiles, out, "--epochs", str(epochs))
-    err = _one_line_error(res, "(No space left on device)", f"{resume} (the last complete epoch) is kept")
+    err = one_line_error(res, "(No space left on device)", f"{resume} (the last complete epoch) is kept")
     assert hits["hits"] == nth and err.startswith(f"error: {tmp_path / named}")
     assert not out.exists() and _leftovers(tmp_path) == []
     with safe_open_meta(resume) as meta:
         assert meta["epoch"] == 1  # the last epoch that completed before the disk filled
     metrics = [json.loads(x) for x in (tmp_path / "model.metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in metrics] == list(range(len(metrics)))  # whole lines only
-    assert {p: _sha(p) for p in tiles.iterdir()} == tiles_before
+    assert {p: sha256(p) for p in tiles.iterdir()} == tiles_before
     if target == "model.metrics.jsonl":
         return  # continuing is the same as after the resume-file failure
     monkeypatch.undo()

@@ -1,4 +1,7 @@
-"""A full disk on demand, without root: make chosen writes fail with ENOSPC after writing part of their bytes.
+"""Checks of how a command fails (issue 13): one line, exit 2, inputs untouched; and a full disk on demand.
+
+``one_line_error(result, *fragments)``: a click result that ended in exactly one ``error: ...`` line (the
+last on stderr), exit 2, no traceback, nothing on stdout. ``sha256(path)``: to prove an input byte-identical.
 
 ``fill_disk_at(monkeypatch, match, nth)`` makes the ``nth`` write whose target file name contains ``match``
 write half its data and raise ``OSError(ENOSPC)``, as the kernel does when the disk fills mid-write. It
@@ -9,10 +12,26 @@ csv) and ``open(..., "wb")`` inside ``wsi_haloae.model.checkpoint``. Returns a d
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 from pathlib import Path
 
 from PIL import Image
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def one_line_error(res, *fragments: str) -> str:
+    """The error line of a failed click run, checked to be the only one and the last; contains ``fragments``."""
+    assert res.exit_code == 2, (res.exit_code, res.output)
+    lines = [line for line in res.stderr.splitlines() if line.startswith("error")]
+    assert len(lines) == 1 and res.stderr.endswith(lines[0] + "\n"), res.stderr
+    assert lines[0].startswith("error: ") and "Traceback" not in res.output and res.stdout == "", res.output
+    for f in fragments:
+        assert f in lines[0], lines[0]
+    return lines[0]
 
 
 def fill_disk_at(monkeypatch, match: str, nth: int = 1) -> dict:
