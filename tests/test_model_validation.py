@@ -185,3 +185,14 @@ def test_presets_pass_their_own_bounds():
 
 def test_mpp_range_is_the_documented_one():
     assert MPP_RANGE == (0.05, 100.0)
+
+
+def test_preset_files_are_validated_too(tmp_path):
+    bad = tmp_path / "wide.json"
+    d = ModelConfig.preset("tiny").to_dict()
+    d["head_width"] = 200000
+    bad.write_text(json.dumps(d))
+    assert "head_width 200000 is outside 1..2048" in _one_line_exit_2(["info", "--preset", str(bad)])
+    broken = tmp_path / "broken.json"
+    broken.write_text("{not json")
+    assert "not readable JSON" in _one_line_exit_2(["info", "--preset", str(broken)])

@@ -258,7 +258,10 @@ def load_preset(name: str) -> dict[str, Any]:
     """Read models/<name>.json, or a path to a JSON file of the same layout."""
     path = Path(name)
     if name.endswith(".json") and path.is_file():
-        return json.loads(path.read_text())
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise BadInputError(f"preset {path}: not readable JSON ({exc})") from None
     res = resources.files("wsi_haloae.presets") / f"{name}.json"
     if not res.is_file():
         raise BadInputError(f"unknown preset {name!r} (known: {', '.join(preset_names())})")
