@@ -137,7 +137,7 @@ def test_tiles_command_on_a_12_bit_slide(tmp_path, caplog):
     tifffile.imwrite(p, np.rint(TRUTH * 4095).astype(np.uint16), photometric="rgb")
     out = tmp_path / "tiles"
     with caplog.at_level(logging.WARNING):
-        r = CliRunner().invoke(main, ["tiles", str(p), "--mpp", "0.5", "--min-tissue", "0", "--out", str(out)])
+        r = CliRunner().invoke(main, ["tiles", str(p), "--slide-mpp", "0.5", "--min-tissue", "0", "--out", str(out)])
     assert r.exit_code == 0, r.output
     assert "read as 12-bit" in caplog.text
     _close(read_rgb(out / "s12_0_0.png"))
