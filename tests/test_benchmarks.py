@@ -97,3 +97,11 @@ def test_gpu_check_script_is_valid_bash():
     script = BENCH / "gpu_check.sh"
     assert os.access(script, os.X_OK)
     subprocess.run(["bash", "-n", str(script)], check=True)
+
+
+def test_bench_maps_quick(tmp_path, workdir):
+    res = run_bench("bench_maps", tmp_path, workdir=workdir)
+    rows = res["rows"]
+    assert {r["grid"] for r in rows} == {"whole tiles only", "whole + edge tiles"} and len(rows) == 8
+    for r in rows:
+        assert 0 < r["tissue_scored"] <= 1 and r["windows"] >= r["grid_tiles"] > 0

@@ -118,6 +118,8 @@ def evaluate(model: Path, data: Path, as_json: bool, report: Path | None, device
 @click.argument("slide", type=click.Path(path_type=Path))
 @click.option("--out", required=True, type=click.Path(path_type=Path))
 @click.option("--mpp", type=click.FloatRange(min=0, min_open=True), help="Target microns per pixel (default: the slide's level 0).")
+@click.option("--magnification", help="Target as an objective power instead of --mpp: 20x = 0.5, 40x = 0.25 µm/px (10 / power).")
+@click.option("--slide-mpp", type=click.FloatRange(min=0, min_open=True), help="The scan's level-0 microns per pixel, for slides that do not record it (overrides the file's value).")
 @click.option("--tile-size", default=256, show_default=True, type=click.IntRange(min=16))
 @click.option("--stride", type=click.IntRange(min=1), help="Grid stride in target pixels (default: tile size).")
 @click.option("--min-tissue", default=0.5, show_default=True, type=click.FloatRange(0, 1))

@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import OutputError
+from ..errors import BadInputError, OutputError
 from ..fileio import os_reason, remove_path
 
 CHUNK = 512
@@ -118,6 +118,18 @@ class MapGeometry:
         gy = float(ys[0]) - float(rows[0]) * level0_stride - self.origin_y
         ox, oy = int(round(gx / self.slide_px)), int(round(gy / self.slide_px))
         return cols.astype(np.int64) * self.block + ox, rows.astype(np.int64) * self.block + oy
+
+    def window_origins(self, rows: np.ndarray, cols: np.ndarray, per_tile: int) -> tuple[np.ndarray, np.ndarray]:
+        """Map-pixel top-left of windows (``slide.grid.Windows``): ``per_tile`` windows per tile side.
+
+        The window grid starts at the map's origin (both are the bounds' top-left), and a window step is
+        ``block / per_tile`` map px, which must be whole so that windows land on map pixels exactly.
+        """
+        if self.block % per_tile:
+            raise BadInputError(f"{per_tile} overlapping windows per tile do not fit the map's {self.block} px per "
+                                f"tile: use a smaller --pixel-downsample or overlap")
+        step = self.block // per_tile
+        return np.asarray(cols, np.int64) * step, np.asarray(rows, np.int64) * step
 
 
 #: OME-NGFF version -> Zarr format. 0.4 (Zarr 2) is the default: what QuPath 0.6 reads.
