@@ -8,7 +8,6 @@ Each checks: exit 2 (or the UserError), one line, inputs byte-identical, nothing
 
 from __future__ import annotations
 
-import hashlib
 import os
 import signal
 import subprocess
@@ -21,7 +20,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-import faults
+import checks
+from checks import one_line_error, sha256
 from test_infer import cfg_for, probe, with_
 from wsi_haloae.cli import main
 from wsi_haloae.errors import BadModelFileError, OutputError
@@ -30,10 +30,6 @@ from wsi_haloae.infer import batch, writers
 from wsi_haloae.infer.engine import run_infer
 
 TESTS = Path(__file__).resolve().parent
-
-
-def sha(p: Path) -> str:
-    return hashlib.sha256(Path(p).read_bytes()).hexdigest()
 
 
 def leftovers(folder: Path, keep: set[str]) -> list[str]:
@@ -56,9 +52,8 @@ def small_slide(tmp_path_factory) -> Path:
     return write_synthetic_slide(tmp_path_factory.mktemp("slide") / "small.tif", width=1024, height=1024, mpp=0.5)
 
 
-def cli(*args) -> tuple[int, str, str]:
-    r = CliRunner().invoke(main, [str(a) for a in args])
-    return r.exit_code, r.stdout, r.stderr
+def cli(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
 
 
 # ------------------------------------------------------------------------------- 1: outputs vs inputs
@@ -71,7 +66,7 @@ def test_1_no_output_may_overwrite_or_hide_an_input(small_slide, tiny_model, tmp
     os.link(slide, hard)
     link = tmp_path / "link.tif"
     link.symlink_to(slide)
-    before = {p: sha(p) for p in (slide, model)}
+    before = {p: sha256(p) for p in (slide, model)}
     base = ["infer", slide, "--model", model, "--device", "cpu", "--workers", "0"]
     cases = [
         (["--out", tmp_path / "x.zarr", "--tiff", slide], "--tiff would overwrite the slide"),
@@ -87,11 +82,8 @@ def test_1_no_output_may_overwrite_or_hide_an_input(small_slide, tiny_model, tmp
     cases.append((["--out", tmp_path / "x.zarr", "--tiff", tmp_path / "Y.tif"],
                   "the colour OME-TIFF of --tiff would overwrite the slide"))
     for extra, msg in cases:
-        code, out, err = cli(*base, *extra)
-        assert code == 2, (extra, err)
-        assert err.count("\n") == 1 and err.startswith("error: ") and msg in err, err
-        assert out == ""
-    assert {p: sha(p) for p in (slide, model)} == before
+        one_line_error(cli(*base, *extra), msg)  # also: nothing on stdout
+    assert {p: sha256(p) for p in (slide, model)} == before
     assert not (tmp_path / "x.zarr").exists()
     assert leftovers(tmp_path, {"S.tif", "M.safetensors", "hard.tif", "link.tif", "Y.rgb.tif"}) == []
 
@@ -103,13 +95,13 @@ def test_1_cohort_refuses_outputs_that_are_its_slides(small_slide, tiny_model, t
     victim = d / "A.ome.tiff"
     victim.write_bytes(small_slide.read_bytes())
     manifest = d / "cohort.csv"  # the manifest is where the cohort table would go
-    before = sha(victim)
-    code, _, err = cli("cohort", str(d / "*.tiff"), "--model", tiny_model, "--out", d, "--device", "cpu")
-    assert code == 2 and err.count("\n") == 1 and "the OME-TIFF of slide A would overwrite the slide A" in err, err
+    before = sha256(victim)
+    one_line_error(cli("cohort", str(d / "*.tiff"), "--model", tiny_model, "--out", d, "--device", "cpu"),
+                   "the OME-TIFF of slide A would overwrite the slide A")
     manifest.write_text(f"slide\n{small_slide}\n")
-    code, _, err = cli("cohort", manifest, "--model", tiny_model, "--out", d, "--device", "cpu", "--dry-run")
-    assert code == 2 and "cohort cohort.csv would overwrite the manifest" in err, err
-    assert sha(victim) == before and sorted(p.name for p in d.iterdir()) == ["A.ome.tiff", "cohort.csv"]
+    one_line_error(cli("cohort", manifest, "--model", tiny_model, "--out", d, "--device", "cpu", "--dry-run"),
+                   "cohort cohort.csv would overwrite the manifest")
+    assert sha256(victim) == before and sorted(p.name for p in d.iterdir()) == ["A.ome.tiff", "cohort.csv"]
 
 
 # ------------------------------------------------------------------------------ 2: one writer per output
@@ -171,31 +163,31 @@ def _all_outputs(slide: Path, d: Path):
 @pytest.mark.parametrize("where,message", STAGES, ids=[s[0].strip("./").split("/")[-2 if s[0].endswith("/") else -1] or s[0]
                                                        for s in STAGES])
 def test_3_a_full_disk_anywhere_leaves_no_output_and_one_line(synthetic_slide, tmp_path, where, message):
-    before = sha(synthetic_slide)
+    before = sha256(synthetic_slide)
     cfg = _all_outputs(synthetic_slide, tmp_path)
-    disk = faults.disk_full_at(where)
+    disk = checks.full_disk_at(where)
     try:
         with pytest.raises(OutputError) as ei:
             run_infer(cfg, loaded=probe())
     finally:
-        faults.restore()
+        checks.restore()
     assert disk.hits, f"the disk never filled at {where}"
     msg = str(ei.value)
     assert "\n" not in msg and message in msg and msg.endswith("(No space left on device)"), msg
     assert leftovers(tmp_path, set()) == []  # no output, no temp, no lock
-    assert sha(synthetic_slide) == before
+    assert sha256(synthetic_slide) == before
 
 
 def test_3_attributes_too(synthetic_slide, tmp_path):
     """The provenance attributes are the largest metadata write: let the small ones pass, fail that one."""
     cfg = _all_outputs(synthetic_slide, tmp_path)
-    disk = faults.disk_full(lambda p: p.split("/")[-1].startswith(".zattrs") and "partial.zarr/.zattrs" in p,
-                            after_bytes=3000)
+    disk = checks.full_disk(lambda p: p.split("/")[-1].startswith(".zattrs") and "partial.zarr/.zattrs" in p,
+                            room=3000)
     try:
         with pytest.raises(OutputError, match=r"o\.zarr: cannot write zarr store \(No space left on device\)"):
             run_infer(cfg, loaded=probe())
     finally:
-        faults.restore()
+        checks.restore()
     assert disk.hits and leftovers(tmp_path, set()) == []
 
 
@@ -203,31 +195,31 @@ def test_3_a_failed_overwrite_keeps_the_previous_outputs(synthetic_slide, tmp_pa
     cfg = _all_outputs(synthetic_slide, tmp_path)
     run_infer(cfg, loaded=probe())
     names = ["o.zarr", "h.ome.tif", "h.rgb.ome.tif", "t.geojson.gz", "p.png"]
-    before = {n: sha(tmp_path / n) for n in names[1:]}
+    before = {n: sha256(tmp_path / n) for n in names[1:]}
     stamp = writers.read_attrs(cfg.out)["end_time"]
-    faults.disk_full_at(".p.png.partial")
+    checks.full_disk_at(".p.png.partial")
     try:
         with pytest.raises(OutputError, match="No space left on device"):
             run_infer(with_(cfg, overwrite=True), loaded=probe())
     finally:
-        faults.restore()
+        checks.restore()
     assert leftovers(tmp_path, set(names)) == []
-    assert {n: sha(tmp_path / n) for n in names[1:]} == before
+    assert {n: sha256(tmp_path / n) for n in names[1:]} == before
     assert writers.is_complete(cfg.out) and writers.read_attrs(cfg.out)["end_time"] == stamp
     # a missing extra made later from the complete store fails alike, leaving the store as it was
     (tmp_path / "p.png").unlink()
-    faults.disk_full_at(".p.png.partial")
+    checks.full_disk_at(".p.png.partial")
     try:
         with pytest.raises(OutputError, match=r"p\.png: cannot write preview \(No space left on device\)"):
             run_infer(cfg, loaded=probe())
     finally:
-        faults.restore()
+        checks.restore()
     assert leftovers(tmp_path, set(names) - {"p.png"}) == []
 
 
 def test_3_the_command_says_it_in_one_line_and_exits_2(small_slide, tiny_model, tmp_path):
     out = tmp_path / "o.zarr"
-    code = ("import sys; sys.path.insert(0, %r); import faults; faults.disk_full_at('partial.zarr/0/0/0'); "
+    code = ("import sys; sys.path.insert(0, %r); import checks; checks.full_disk_at('partial.zarr/0/0/0'); "
             "from wsi_haloae.cli import main; main()" % str(TESTS))
     p = subprocess.run([sys.executable, "-c", code, *_cli_cmd(small_slide, tiny_model, out)[3:],
                         "--tiff", str(tmp_path / "h.ome.tif")], capture_output=True, text=True, timeout=600)
@@ -274,7 +266,7 @@ def test_5_a_model_that_outputs_nan_is_refused_at_the_first_batch(small_slide, t
            for k, v in tensors.items()}
     nan_model = tmp_path / "nan.safetensors"
     save_file(bad, str(nan_model), metadata=meta)
-    before = sha(nan_model)
+    before = sha256(nan_model)
     out = tmp_path / "o.zarr"
     p = subprocess.run(_cli_cmd(small_slide, nan_model, out, "--geojson", str(tmp_path / "t.geojson")),
                        capture_output=True, text=True, timeout=600)
@@ -282,7 +274,7 @@ def test_5_a_model_that_outputs_nan_is_refused_at_the_first_batch(small_slide, t
     last = p.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and "NaN or infinite" in last and "nan.safetensors" in last
     assert "Traceback" not in p.stderr
-    assert sha(nan_model) == before and leftovers(tmp_path, {"nan.safetensors"}) == []
+    assert sha256(nan_model) == before and leftovers(tmp_path, {"nan.safetensors"}) == []
 
     # in-process: the first batch is where it stops (no tile after it is read)
     class NaNProbe(type(probe().model)):
@@ -303,8 +295,8 @@ def test_5_a_model_that_outputs_nan_is_refused_at_the_first_batch(small_slide, t
 def test_6_unwritable_places_are_one_line(small_slide, tiny_model, tmp_path):
     for extra in (["--out", "/proc/x.zarr"], ["--out", tmp_path / "o.zarr", "--preview", "/proc/p.png"],
                   ["--out", tmp_path / "o.zarr", "--tiff", "/proc/self/h.ome.tif"]):
-        code, out, err = cli("infer", small_slide, "--model", tiny_model, "--device", "cpu", *extra)
-        assert code == 2 and err.count("\n") == 1 and err.startswith("error: /proc/"), err
+        assert one_line_error(cli("infer", small_slide, "--model", tiny_model, "--device", "cpu", *extra)).startswith(
+            "error: /proc/")
     assert leftovers(tmp_path, set()) == []
 
 
@@ -321,9 +313,9 @@ def test_6_unwritable_places_are_one_line(small_slide, tiny_model, tmp_path):
     ["nosuchcommand"],
 ])
 def test_6_usage_errors_are_one_line_for_every_command(args):
-    code, out, err = cli(*args)
-    assert code == 2 and out == ""
-    assert err.count("\n") == 1 and err.startswith("error: ") and "--help" in err, err
+    res = cli(*args)
+    one_line_error(res, "--help")
+    assert res.stderr.count("\n") == 1
 
 
 # ----------------------------------------------------------------------------------- 8: the batch size
