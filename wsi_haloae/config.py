@@ -134,6 +134,7 @@ class TrainConfig:
     weight_decay: float = 1e-5
     jitter: float = 0.1
     max_steps: int | None = None  # testing aid: stop after this many optimizer steps (in total)
+    checkpoint_minutes: float = 10.0  # a resume file this often (and at every epoch end); 0: after every step
 
 
 @dataclass
