@@ -88,9 +88,15 @@ def test_bench_reader_quick(tmp_path, workdir):
 
 def test_bench_train_quick(tmp_path, workdir):
     res = run_bench("bench_train", tmp_path, "--workdir", str(workdir), workdir=workdir)
-    (r,) = res["rows"]
-    assert r["preset"] == "tiny" and r["steps"] == 1 and r["images_per_step"] == 3
-    assert r["images_per_s"] > 0
+    rows = res["rows"]
+    assert [(r["kind"], r["channels_last"]) for r in rows] == [("default", False), ("lever", True)]
+    for r in rows:
+        assert "error" not in r, r
+        assert r["preset"] == "tiny" and r["steps"] == 1 and r["images_per_step"] == 3 and r["dtype"] == "fp32"
+        assert r["images_per_s"] > 0 and r["tflop_per_s"] > 0 and r["vgg_s_per_step"] > 0
+        # FLOPs of a training step counted on the meta device: tiny, 3 images, ~27 GFLOP each
+        assert 50 < r["gflop_per_step"] < 120
+    assert res["matmul_peak_flops"]["fp32"] > 0
 
 
 def test_gpu_check_script_is_valid_bash():

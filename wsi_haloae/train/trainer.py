@@ -17,7 +17,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -33,6 +33,7 @@ from ..config import TrainConfig
 from ..errors import BadInputError, OutputError
 from ..fileio import atomic_output, write_text_atomic
 from .data import CutPasteDataset, EpochSampler, PlainTiles, TileSet, load_tiles, training_mpp
+from .batchnorm import refresh_batchnorm
 from .estimate import StepClock, warn_if_long_on_cpu
 from .ews import weights_for
 from .losses import reconstruction_loss
@@ -43,6 +44,32 @@ log = logging.getLogger(__name__)
 #: Config fields that must match for ``--resume`` (device, workers and max_steps may change between runs).
 RESUME_KEYS = ("preset", "epochs", "samples_per_epoch", "batch_size", "backbone_weights", "seed", "lr", "weight_decay", "jitter")
 RESUME_FORMAT = "wsi-haloae-resume/1"
+
+
+@dataclass(frozen=True)
+class StepOptions:
+    """How a training step runs on its device. On CUDA: bf16 autocast for the forward pass (losses stay float32)
+    and channels_last (cuDNN's fast convolution layout); on a CPU neither (no native bf16 on the development CPU,
+    where bf16 autocast is 35-60 % slower: benchmarks/RESULTS.md)."""
+
+    bf16: bool = False
+    channels_last: bool = False
+
+    @classmethod
+    def for_device(cls, device: torch.device) -> "StepOptions":
+        cuda = device.type == "cuda"
+        return cls(bf16=cuda, channels_last=cuda)
+
+
+def prepare_model(model: torch.nn.Module, opts: StepOptions, compile: bool = False) -> torch.nn.Module:
+    """Put the model in the step's memory layout; returns what to call for the forward pass (compiled with
+    ``torch.compile`` when asked: static shapes, so the last short batch of an epoch compiles once more).
+    Weights are shared: save and resume from ``model`` itself."""
+    if opts.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if compile:
+        return torch.compile(model, dynamic=False)
+    return model
 
 
 
@@ -140,10 +167,12 @@ def _train_one_epoch(
     start: int = 0,
     partial: tuple[dict[str, float], int] | None = None,
     on_step: Callable[[int, int, int, dict[str, float], int], None] | None = None,
+    opts: StepOptions | None = None,
 ) -> tuple[dict[str, float], int, bool]:
     """One epoch, or its rest from batch ``start`` (a resumed run, with the loss sums so far in ``partial``);
     returns (mean losses and accuracy, global step, stopped early by max_steps). ``on_step(epoch, batches done
-    in the epoch, step, sums, n)`` runs after every optimizer step (the timed checkpoints)."""
+    in the epoch, step, sums, n)`` runs after every optimizer step (the timed checkpoints). ``model`` may be the
+    compiled module of ``prepare_model``; ``opts`` defaults to ``StepOptions.for_device(device)``."""
     sampler.set_epoch(epoch, start * cfg.batch_size)
     steps_per_epoch = math.ceil(cfg.samples_per_epoch / cfg.batch_size)
     sums = {"loss": 0.0, "loss_cls": 0.0, "loss_fm": 0.0, "loss_im": 0.0, "cls_acc": 0.0}
@@ -151,16 +180,18 @@ def _train_one_epoch(
     if partial is not None:
         sums, n = dict(partial[0]), int(partial[1])
     alphas = weights_for(epoch + start / steps_per_epoch, cfg.epochs)
-    cuda = device.type == "cuda"
+    opts = opts or StepOptions.for_device(device)
+    layout = torch.channels_last if opts.channels_last else torch.contiguous_format
     model.train()
     for i, (orig, normal, scar) in enumerate(loader, start=start):
         if cfg.max_steps is not None and step >= cfg.max_steps:
             return _means(sums, n, alphas), step, True
         alphas = weights_for(epoch + i / steps_per_epoch, cfg.epochs)
         b = orig.shape[0]
-        x = torch.cat([orig, normal, scar]).to(device, non_blocking=True)
+        # one batch of 3B images: the frozen VGG runs once on all three views together (see docs/training.md)
+        x = torch.cat([orig, normal, scar]).to(device, non_blocking=True).contiguous(memory_format=layout)
         labels = torch.cat([torch.zeros(b, dtype=torch.long), torch.ones(2 * b, dtype=torch.long)]).to(device)
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cuda):
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=opts.bf16):
             out = model(x)
         # losses in float32: SSIM's small differences of large sums are not safe in bf16
         l_cls = F.cross_entropy(out.logits.float(), labels)
@@ -242,6 +273,8 @@ def run_train(cfg: TrainConfig) -> Path:
 
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.preset, cfg.backbone_weights, seed=cfg.seed).to(device)
+    opts = StepOptions.for_device(device)
+    forward = prepare_model(model, opts, cfg.compile)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
@@ -305,8 +338,9 @@ def run_train(cfg: TrainConfig) -> Path:
                 te = time.time()
                 first = epoch == start_epoch
                 stats, step, stopped = _train_one_epoch(
-                    model, opt, loader, sampler, epoch, cfg, device, bar, step,
+                    forward, opt, loader, sampler, epoch, cfg, device, bar, step,
                     start=start_batch if first else 0, partial=partial if first else None, on_step=timed_checkpoint,
+                    opts=opts,
                 )
                 if stopped:
                     log.warning("stopping at max_steps=%d, inside epoch %d", cfg.max_steps, epoch + 1)
@@ -325,6 +359,7 @@ def run_train(cfg: TrainConfig) -> Path:
                         step, cfg.checkpoint_minutes)
             raise
 
+    bn_tiles = refresh_batchnorm(model, tiles, device, 3 * cfg.batch_size, cfg.workers, seed=cfg.seed) if cfg.refresh_bn else 0
     mean_map = training_mean_map(model, tiles, device, batch_size=max(8, 3 * cfg.batch_size), workers=cfg.workers)
     wall = elapsed_before + time.time() - t0
     metadata = {
@@ -342,6 +377,7 @@ def run_train(cfg: TrainConfig) -> Path:
         "version": __version__,
         "device": str(device),
         "wall_time_s": round(wall, 1),
+        "batchnorm": f"recomputed on {bn_tiles} training tiles" if bn_tiles else "running averages of training",
     }
     save_model(out, model, mean_map, metadata)
     resume_path.unlink(missing_ok=True)
