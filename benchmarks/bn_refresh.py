@@ -56,31 +56,14 @@ def main() -> None:
     from wsi_haloae.train.trainer import run_train, training_mean_map
 
     data = args.data
-    if not data.is_dir():
+    if not data.is_dir() and not args.quick:
         sys.exit(f"error: {data}: no MVTec-AD category folder (needs train/good, test/, ground_truth/)")
     weights = args.backbone_weights or (str(_common.shared_file(*WEIGHTS)) if _common.shared_file(*WEIGHTS) else "random")
     steps_list = [0, 1] if args.quick else [int(v) for v in args.steps.split(",")]
     spe, bs = (2, 1) if args.quick else (args.samples_per_epoch, args.batch_size)
     args.workdir.mkdir(parents=True, exist_ok=True)
-    if args.quick:  # a small MVTec-layout copy (4 training, 4 test images) so that the smoke run takes a minute
-        import shutil
-
-        small = args.workdir / "quick-data"
-        shutil.rmtree(small, ignore_errors=True)
-        (small / "train" / "good").mkdir(parents=True)
-        from wsi_haloae.train.data import find_images, tile_root
-
-        for f in find_images(tile_root(data))[:4]:
-            shutil.copy(f, small / "train" / "good" / f.name)
-        for it in find_test_set(data)[::25]:
-            dst = small / "test" / it.defect / it.path.name
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy(it.path, dst)
-            if it.mask is not None:
-                mdst = small / "ground_truth" / it.defect / it.mask.name
-                mdst.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy(it.mask, mdst)
-        data = small
+    if args.quick:  # a few images (4 training, 4 test): the real category's when present, else planted IHC crops
+        data = _common.quick_mvtec(args.workdir / "quick-data", data if data.is_dir() else None)
     tiles = load_tiles(data, progress=False)
     eval_data = data
     probe = stack_tiles([resize_rgb(read_rgb(it.path)) for it in find_test_set(eval_data)[:4]])

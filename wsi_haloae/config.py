@@ -134,6 +134,7 @@ class TrainConfig:
     weight_decay: float = 1e-5
     jitter: float = 0.1
     max_steps: int | None = None  # testing aid: stop after this many optimizer steps (in total)
+    max_seconds: float | None = None  # benchmark aid: stop training after this long, then finish the model as usual
     checkpoint_minutes: float = 10.0  # a resume file this often (and at every epoch end); 0: after every step
     refresh_bn: bool = True  # recompute BatchNorm statistics on the training tiles after the last step (train/batchnorm.py)
     compile: bool = False  # torch.compile the model for the training steps (meant for CUDA; minutes to compile)

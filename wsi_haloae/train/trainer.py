@@ -168,11 +168,13 @@ def _train_one_epoch(
     partial: tuple[dict[str, float], int] | None = None,
     on_step: Callable[[int, int, int, dict[str, float], int], None] | None = None,
     opts: StepOptions | None = None,
+    deadline: float | None = None,
 ) -> tuple[dict[str, float], int, bool]:
     """One epoch, or its rest from batch ``start`` (a resumed run, with the loss sums so far in ``partial``);
     returns (mean losses and accuracy, global step, stopped early by max_steps). ``on_step(epoch, batches done
     in the epoch, step, sums, n)`` runs after every optimizer step (the timed checkpoints). ``model`` may be the
-    compiled module of ``prepare_model``; ``opts`` defaults to ``StepOptions.for_device(device)``."""
+    compiled module of ``prepare_model``; ``opts`` defaults to ``StepOptions.for_device(device)``. The epoch
+    stops early at ``cfg.max_steps`` or at ``deadline`` (a ``time.monotonic()`` value)."""
     sampler.set_epoch(epoch, start * cfg.batch_size)
     steps_per_epoch = math.ceil(cfg.samples_per_epoch / cfg.batch_size)
     sums = {"loss": 0.0, "loss_cls": 0.0, "loss_fm": 0.0, "loss_im": 0.0, "cls_acc": 0.0}
@@ -184,7 +186,7 @@ def _train_one_epoch(
     layout = torch.channels_last if opts.channels_last else torch.contiguous_format
     model.train()
     for i, (orig, normal, scar) in enumerate(loader, start=start):
-        if cfg.max_steps is not None and step >= cfg.max_steps:
+        if (cfg.max_steps is not None and step >= cfg.max_steps) or (deadline is not None and time.monotonic() >= deadline):
             return _means(sums, n, alphas), step, True
         alphas = weights_for(epoch + i / steps_per_epoch, cfg.epochs)
         b = orig.shape[0]
@@ -319,6 +321,7 @@ def run_train(cfg: TrainConfig) -> Path:
     warn_if_long_on_cpu(model.config, cfg.batch_size, total - step, device)
     clock = StepClock(total, step)
     last_checkpoint = time.monotonic()
+    deadline = time.monotonic() + cfg.max_seconds if cfg.max_seconds is not None else None
 
     def timed_checkpoint(epoch: int, batches_done: int, step_now: int, sums: dict[str, float], n: int) -> None:
         """Every ``checkpoint_minutes``, a resume file from inside the epoch (epoch ends write their own)."""
@@ -340,10 +343,11 @@ def run_train(cfg: TrainConfig) -> Path:
                 stats, step, stopped = _train_one_epoch(
                     forward, opt, loader, sampler, epoch, cfg, device, bar, step,
                     start=start_batch if first else 0, partial=partial if first else None, on_step=timed_checkpoint,
-                    opts=opts,
+                    opts=opts, deadline=deadline,
                 )
                 if stopped:
-                    log.warning("stopping at max_steps=%d, inside epoch %d", cfg.max_steps, epoch + 1)
+                    log.warning("stopping at step %d inside epoch %d (max_steps=%s, max_seconds=%s)", step, epoch + 1,
+                                cfg.max_steps, cfg.max_seconds)
                     break
                 epochs_done = epoch + 1
                 stats = {"epoch": epoch, "step": step, **stats, "seconds": round(time.time() - te, 3)}
