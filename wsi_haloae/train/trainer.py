@@ -321,18 +321,19 @@ def run_train(cfg: TrainConfig) -> Path:
     warn_if_long_on_cpu(model.config, cfg.batch_size, total - step, device)
     clock = StepClock(total, step)
     last_checkpoint = time.monotonic()
+    saved_step = step if cfg.resume else None  # the step the resume file on disk continues from
     deadline = time.monotonic() + cfg.max_seconds if cfg.max_seconds is not None else None
 
     def timed_checkpoint(epoch: int, batches_done: int, step_now: int, sums: dict[str, float], n: int) -> None:
         """Every ``checkpoint_minutes``, a resume file from inside the epoch (epoch ends write their own)."""
-        nonlocal last_checkpoint
+        nonlocal last_checkpoint, saved_step
         clock.tick(step_now)
         if batches_done >= steps_per_epoch or time.monotonic() - last_checkpoint < 60 * cfg.checkpoint_minutes:
             return
         info = {"epoch": epoch, "batch": batches_done, "step": step_now, "sums": sums, "n": n, "config": fingerprint,
                 "wall_time_s": elapsed_before + time.time() - t0}
         _write_resume(resume_path, model, opt, info)
-        last_checkpoint = time.monotonic()
+        last_checkpoint, saved_step = time.monotonic(), step_now
 
     epochs_done = start_epoch
     with tqdm(total=total, initial=min(step, total), unit="step", dynamic_ncols=True) as bar:
@@ -355,12 +356,14 @@ def run_train(cfg: TrainConfig) -> Path:
                     fh.write(json.dumps(stats) + "\n")
                 info = {"epoch": epochs_done, "batch": 0, "step": step, "config": fingerprint, "wall_time_s": elapsed_before + time.time() - t0}
                 _write_resume(resume_path, model, opt, info)
-                last_checkpoint = time.monotonic()
+                last_checkpoint, saved_step = time.monotonic(), step
                 if cfg.max_steps is not None and step >= cfg.max_steps:
                     break
         except KeyboardInterrupt:
-            log.warning("interrupted at step %d; --resume continues from the last checkpoint (every %g min and at epoch ends)",
-                        step, cfg.checkpoint_minutes)
+            if saved_step is None:
+                log.warning("interrupted before the first checkpoint (every %g min and at epoch ends): nothing to resume", cfg.checkpoint_minutes)
+            else:
+                log.warning("interrupted; --resume continues from the last checkpoint, step %d of %d", saved_step, total)
             raise
 
     bn_tiles = refresh_batchnorm(model, tiles, device, 3 * cfg.batch_size, cfg.workers, seed=cfg.seed) if cfg.refresh_bn else 0
