@@ -245,6 +245,20 @@ def test_cli_bad_inputs_are_one_line_errors(tmp_path):
         assert "Traceback" not in r.stderr and r.stdout == ""
 
 
+def test_cli_passes_checkpoint_minutes_and_compile(tmp_path, monkeypatch):
+    seen = []
+    monkeypatch.setattr(trainer, "run_train", lambda cfg: seen.append(cfg))
+    r = CliRunner().invoke(main, ["train", "--tiles", str(tmp_path), "--out", str(tmp_path / "m.safetensors"),
+                                  "--checkpoint-minutes", "2.5", "--compile"])
+    assert r.exit_code == 0, r.output
+    (cfg,) = seen
+    assert cfg.checkpoint_minutes == 2.5 and cfg.compile is True and cfg.refresh_bn is True
+    r = CliRunner().invoke(main, ["train", "--tiles", str(tmp_path), "--out", str(tmp_path / "m.safetensors")])
+    assert seen[-1].checkpoint_minutes == 10.0 and seen[-1].compile is False
+    r = CliRunner().invoke(main, ["train", "--tiles", str(tmp_path), "--out", str(tmp_path / "m"), "--checkpoint-minutes", "-1"])
+    assert r.exit_code == 2 and "checkpoint-minutes" in r.output
+
+
 def test_dataset_samples_are_a_function_of_seed_epoch_index(tiles):
     from wsi_haloae.train.data import CutPasteDataset, load_tiles
 
