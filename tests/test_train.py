@@ -100,13 +100,31 @@ def test_resume_continues_to_the_same_weights(tiles, trained, tmp_path, monkeypa
     assert [m["loss"] for m in metrics_part] == [m["loss"] for m in metrics_full]
 
 
-def test_resume_from_inside_an_epoch_is_bit_identical(tiles, tmp_path, monkeypatch):
+MID_EPOCH = dict(epochs=2, samples_per_epoch=3, checkpoint_minutes=0)
+
+
+@pytest.fixture(scope="module")
+def full_mid(tiles, tmp_path_factory) -> Path:
+    """An uninterrupted run of 2 epochs of 3 steps, checkpointing after every step."""
+    out = tmp_path_factory.mktemp("full-mid") / "model.safetensors"
+    trainer.run_train(_cfg(tiles, out, **MID_EPOCH))
+    return out
+
+
+def _assert_same_run(a_path: Path, b_path: Path) -> None:
+    a, b = _tensors(a_path), _tensors(b_path)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    lines = lambda p: [json.loads(x) for x in p.with_name("model.metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    assert [(m["epoch"], m["step"], m["loss"], m["loss_fm"]) for m in lines(b_path)] == [
+        (m["epoch"], m["step"], m["loss"], m["loss_fm"]) for m in lines(a_path)
+    ]
+
+
+def test_resume_from_inside_an_epoch_is_bit_identical(tiles, full_mid, tmp_path, monkeypatch):
     """Timed checkpoints (here after every step) let a run stopped in the middle of an epoch continue to exactly
     the weights, BatchNorm statistics and metrics of an uninterrupted run."""
-    kw = dict(epochs=2, samples_per_epoch=3, checkpoint_minutes=0)
-    full = tmp_path / "full" / "model.safetensors"
-    trainer.run_train(_cfg(tiles, full, **kw))
-
     part = tmp_path / "part" / "model.safetensors"
     real_write = trainer._write_resume
     written = []
@@ -119,20 +137,40 @@ def test_resume_from_inside_an_epoch_is_bit_identical(tiles, tmp_path, monkeypat
 
     monkeypatch.setattr(trainer, "_write_resume", write_then_stop)
     with pytest.raises(KeyboardInterrupt):
-        trainer.run_train(_cfg(tiles, part, **kw))
+        trainer.run_train(_cfg(tiles, part, **MID_EPOCH))
     monkeypatch.setattr(trainer, "_write_resume", real_write)
     assert [(w["epoch"], w["batch"], w["step"]) for w in written] == [(0, 1, 1), (0, 2, 2)]
     assert not part.exists()
+    trainer.run_train(_cfg(tiles, part, resume=True, **MID_EPOCH))
+    _assert_same_run(full_mid, part)
 
-    trainer.run_train(_cfg(tiles, part, resume=True, **kw))
-    a, b = _tensors(full), _tensors(part)
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
-    lines = lambda p: [json.loads(x) for x in p.with_name("model.metrics.jsonl").read_text().splitlines()]  # noqa: E731
-    assert [(m["epoch"], m["step"], m["loss"], m["loss_fm"]) for m in lines(part)] == [
-        (m["epoch"], m["step"], m["loss"], m["loss_fm"]) for m in lines(full)
-    ]
+
+def test_sigterm_writes_a_resume_file_and_stops(tiles, full_mid, tmp_path, monkeypatch, caplog):
+    """A scheduler's SIGTERM (SLURM at the time limit) stops the run at the next step boundary with a resume
+    file, even when no timed checkpoint is due; --resume then ends where an uninterrupted run ends."""
+    import os
+    import signal
+
+    part = tmp_path / "term" / "model.safetensors"
+    real_loss = trainer.reconstruction_loss
+    calls = []
+
+    def loss_then_term(*args):
+        calls.append(1)
+        if len(calls) == 7:  # during step 4 (two reconstruction losses per step): epoch 1, batch 1
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_loss(*args)
+
+    monkeypatch.setattr(trainer, "reconstruction_loss", loss_then_term)
+    with caplog.at_level(logging.WARNING), pytest.raises(KeyboardInterrupt):
+        trainer.run_train(_cfg(tiles, part, **dict(MID_EPOCH, checkpoint_minutes=1e6)))
+    monkeypatch.setattr(trainer, "reconstruction_loss", real_loss)
+    assert "SIGTERM" in caplog.text and "step 4 of 6" in caplog.text
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is the run's only
+    _, meta = trainer._read_resume(part.with_name("model.resume.safetensors"))
+    assert (meta["epoch"], meta["batch"], meta["step"]) == (1, 1, 4)
+    trainer.run_train(_cfg(tiles, part, resume=True, **MID_EPOCH))
+    _assert_same_run(full_mid, part)
 
 
 def test_cpu_duration_estimate_and_warning(caplog):

@@ -12,10 +12,13 @@ atomically, so ``--resume`` continues an interrupted run, even from the middle o
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -71,6 +74,31 @@ def prepare_model(model: torch.nn.Module, opts: StepOptions, compile: bool = Fal
         return torch.compile(model, dynamic=False)
     return model
 
+
+@contextlib.contextmanager
+def _sigterm_requests_stop():
+    """SIGTERM (what SLURM and other schedulers send before killing a job at its time limit) sets a flag
+    instead of killing the run, so that the next step boundary can write a resume file and stop; yields a
+    one-element list holding the flag. Only in the main thread (where Python delivers signals)."""
+    flag = [False]
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+
+    def handler(signum, frame):  # noqa: ARG001
+        flag[0] = True
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _ignore_sigterm(_worker_id: int) -> None:
+    """DataLoader workers outlive a scheduler's SIGTERM (sent to the whole job), so the main process can still
+    reach its next step boundary and write the resume file."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def sidecar(out: Path, suffix: str) -> Path:
@@ -307,6 +335,7 @@ def run_train(cfg: TrainConfig) -> Path:
         pin_memory=device.type == "cuda",
         persistent_workers=cfg.workers > 0,
         prefetch_factor=4 if cfg.workers > 0 else None,
+        worker_init_fn=_ignore_sigterm,
     )
     steps_per_epoch = math.ceil(cfg.samples_per_epoch / cfg.batch_size)
     total = cfg.epochs * steps_per_epoch
@@ -325,18 +354,23 @@ def run_train(cfg: TrainConfig) -> Path:
     deadline = time.monotonic() + cfg.max_seconds if cfg.max_seconds is not None else None
 
     def timed_checkpoint(epoch: int, batches_done: int, step_now: int, sums: dict[str, float], n: int) -> None:
-        """Every ``checkpoint_minutes``, a resume file from inside the epoch (epoch ends write their own)."""
+        """Every ``checkpoint_minutes``, a resume file from inside the epoch (epoch ends write their own);
+        after a SIGTERM, one at once, then stop as an interrupt does."""
         nonlocal last_checkpoint, saved_step
         clock.tick(step_now)
-        if batches_done >= steps_per_epoch or time.monotonic() - last_checkpoint < 60 * cfg.checkpoint_minutes:
+        timed = batches_done < steps_per_epoch and time.monotonic() - last_checkpoint >= 60 * cfg.checkpoint_minutes
+        if not (timed or sigterm[0]):
             return
         info = {"epoch": epoch, "batch": batches_done, "step": step_now, "sums": sums, "n": n, "config": fingerprint,
                 "wall_time_s": elapsed_before + time.time() - t0}
         _write_resume(resume_path, model, opt, info)
         last_checkpoint, saved_step = time.monotonic(), step_now
+        if sigterm[0]:
+            log.warning("SIGTERM: wrote %s at step %d", resume_path, step_now)
+            raise KeyboardInterrupt
 
     epochs_done = start_epoch
-    with tqdm(total=total, initial=min(step, total), unit="step", dynamic_ncols=True) as bar:
+    with _sigterm_requests_stop() as sigterm, tqdm(total=total, initial=min(step, total), unit="step", dynamic_ncols=True) as bar:
         try:
             for epoch in range(start_epoch, cfg.epochs):
                 te = time.time()
