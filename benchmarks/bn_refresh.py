@@ -54,7 +54,7 @@ def main() -> None:
     from wsi_haloae.train.batchnorm import refresh_batchnorm
     from wsi_haloae.images import read_rgb, resize_rgb
     from wsi_haloae.model.inputs import stack_tiles
-    from wsi_haloae.train.data import load_tiles
+    from wsi_haloae.train.data import TILE_SIZE, load_tiles
     from wsi_haloae.train.trainer import run_train, training_mean_map
 
     data = args.data
@@ -68,7 +68,7 @@ def main() -> None:
         data = _common.quick_mvtec(args.workdir / "quick-data", data if data.is_dir() else None)
     tiles = load_tiles(data, progress=False)
     eval_data = data
-    probe = stack_tiles([resize_rgb(read_rgb(it.path)) for it in find_test_set(eval_data)[:4]])
+    probe = stack_tiles([resize_rgb(read_rgb(it.path), TILE_SIZE) for it in find_test_set(eval_data)[:4]])
     for steps in steps_list:
         epochs = max(1, -(-steps * bs // spe))
         ema = args.workdir / f"{args.preset}-{steps}-running.safetensors"

@@ -63,7 +63,7 @@ def main() -> None:
     from wsi_haloae.model import build_model
     from wsi_haloae.images import read_rgb, resize_rgb
     from wsi_haloae.model.inputs import stack_tiles
-    from wsi_haloae.train.data import find_images, tile_root
+    from wsi_haloae.train.data import TILE_SIZE, find_images, tile_root
     from wsi_haloae.train.losses import C2, K2, ssim
 
     weights = args.backbone_weights or (str(_common.shared_file(*WEIGHTS)) if _common.shared_file(*WEIGHTS) else "random")
@@ -71,7 +71,7 @@ def main() -> None:
     n_images = 2 if args.quick else args.images
     if args.data.is_dir():
         files = find_images(tile_root(args.data))[:n_images]
-        x = stack_tiles([resize_rgb(read_rgb(f)) for f in files])
+        x = stack_tiles([resize_rgb(read_rgb(f), TILE_SIZE) for f in files])
         source = str(args.data)
     else:  # no shared data: the IHC image shipped with scikit-image
         from skimage.data import immunohistochemistry
