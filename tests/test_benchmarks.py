@@ -105,3 +105,13 @@ def test_bench_maps_quick(tmp_path, workdir):
     assert {r["grid"] for r in rows} == {"whole tiles only", "whole + edge tiles"} and len(rows) == 8
     for r in rows:
         assert 0 < r["tissue_scored"] <= 1 and r["windows"] >= r["grid_tiles"] > 0
+
+
+def test_bench_seams_quick(tmp_path, workdir):
+    res = run_bench("bench_seams", tmp_path, "--workdir", str(workdir), workdir=workdir)
+    rows = res["rows"]
+    assert [r["overlap"] for r in rows] == [0.0, 0.5]
+    for r in rows:
+        assert r["tiles"] > 0 and r["windows"] >= r["tiles"] and r["tiles_per_s"] > 0
+        assert r["seam_inner"] > 0 and r["seam_ratio"] > 0 and 0 < r["scored_fraction"] <= 1
+    assert rows[1]["windows"] > rows[0]["windows"]
