@@ -99,6 +99,27 @@ def test_annotation_errors_and_bounds_offset(tmp_path):
     assert g.bounds == (100.0, 50.0, 110.0, 60.0)
 
 
+def test_invalid_outlines_keep_all_their_area_and_say_so(synthetic_slide, tmp_path, caplog):
+    """Issue 13 case 7: a bow-tie lost a lobe to buffer(0), silently. Both lobes stay; a warning names it."""
+    import logging
+
+    bowtie = [[0, 0], [2048, 2048], [2048, 0], [0, 2048], [0, 0]]  # crosses itself at (1024, 1024)
+    crossing_hole = [_square(0, 0, 1024, 1024), _square(512, 512, 1536, 640)]  # hole sticks out of its shell
+    p = tmp_path / "bowtie.geojson"
+    p.write_text(json.dumps({"type": "FeatureCollection", "features": [_feature([bowtie], cls="Tumor"),
+                                                                       _feature(crossing_hole, cls="Stroma")]}))
+    with caplog.at_level(logging.WARNING):
+        g = load_annotations(p, class_name="Tumor")
+    assert g.is_valid and g.area == pytest.approx(2 * 1024 * 2048 / 2)  # both triangles: half the square
+    assert "1 invalid polygon(s) repaired with shapely.make_valid" in caplog.text and "Self-intersection" in caplog.text
+    r = SlideReader(synthetic_slide)
+    grid = build_grid(r, 0.5, min_tissue=0.0, annotations=p, class_name="Tumor")
+    cx = grid.xs + 128
+    assert (cx < 1024).sum() == (cx > 1024).sum() > 0  # left and right lobes alike
+    stroma = load_annotations(p, class_name="Stroma")
+    assert stroma.area == pytest.approx(1024 * 1024 - 512 * 128)  # the hole still cuts, only inside its shell
+
+
 @pytest.mark.shared
 def test_cmu_grid_against_independent_thumbnail_mask():
     """CMU-1-Small-Region at 0.5 mpp: the kept tiles are the tissue, judged by a plain grey threshold on

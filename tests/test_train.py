@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from PIL import Image
 from safetensors.torch import load_file
 from skimage.data import immunohistochemistry
 
+from checks import fill_disk_at, one_line_error, sha256
 from wsi_haloae.cli import main
 from wsi_haloae.config import TrainConfig
 from wsi_haloae.errors import BadInputError, BadTilesError, OutputError
@@ -102,7 +104,8 @@ def test_resume_continues_to_the_same_weights(tiles, trained, tmp_path, monkeypa
 
 def test_model_metadata(tiles, trained):
     from wsi_haloae.model import load_model
-    from wsi_haloae.train.data import load_tiles, stack_tiles
+    from wsi_haloae.model.inputs import stack_tiles
+    from wsi_haloae.train.data import load_tiles
 
     loaded = load_model(trained)
     md = loaded.metadata
@@ -202,3 +205,105 @@ def test_dataset_samples_are_a_function_of_seed_epoch_index(tiles):
     assert not torch.equal(a[0], c[0])
     # pasted versions differ from their original only where something was pasted (tested in detail elsewhere)
     assert not torch.equal(a[0], a[1]) and not torch.equal(a[0], a[2])
+
+
+# -- outputs: never over an input, one run at a time, a full disk keeps the last epoch (issue 13) ------------
+def _cli_train(tiles: Path, out: Path, *extra: str):
+    args = ["train", "--tiles", str(tiles), "--out", str(out), "--preset", "tiny", "--epochs", "2",
+            "--samples-per-epoch", "1", "--batch-size", "1", "--backbone-weights", "random", "--workers", "0",
+            "--device", "cpu", "--seed", "3", *extra]
+    return CliRunner().invoke(main, args)
+
+
+def _leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.endswith((".part", ".lock")) or ".probe-" in p.name)
+
+
+def test_out_may_not_be_an_input_or_a_foreign_file(tiles, tmp_path, synthetic_slide):
+    slide = tmp_path / "slide.tif"
+    slide.write_bytes(synthetic_slide.read_bytes())
+    (tmp_path / "link.safetensors").symlink_to(slide)
+    cases = {
+        slide: "exists and is not a wsi-haloae model file",  # the data loss of issue 13: a slide overwritten
+        tmp_path / "link.safetensors": "exists and is not a wsi-haloae model file",
+        tiles / "t0.png": "lies inside the tile folder",
+        tiles / "model.safetensors": "lies inside the tile folder",
+    }
+    before = {p: sha256(p) for p in [slide, *tiles.iterdir()]}
+    for out, why in cases.items():
+        one_line_error(_cli_train(tiles, out), why)
+    weights = tmp_path / "vgg.safetensors"
+    weights.write_bytes(b"weights")
+    one_line_error(CliRunner().invoke(main, ["train", "--tiles", str(tiles), "--out", str(weights),
+                                              "--backbone-weights", str(weights)]), "would overwrite the backbone weights")
+    assert {p: sha256(p) for p in before} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link.safetensors", "slide.tif", "vgg.safetensors"]
+
+
+def test_a_second_run_on_the_model_is_refused(tiles, tmp_path):
+    from wsi_haloae.fileio import output_lock
+
+    out = tmp_path / "model.safetensors"
+    with output_lock(out, "model file"):  # what a run in another process holds
+        res = _cli_train(tiles, out)
+    one_line_error(res, "another wsi-haloae run is writing this model file")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("target, nth, epochs, named", [
+    ("model.resume.safetensors", 2, 2, "model.resume.safetensors: cannot write the resume file"),  # epoch 2's
+    ("model.metrics.jsonl", 3, 2, "model.metrics.jsonl: cannot write the metrics file"),  # afresh, epoch 1, epoch 2
+    (f"model.safetensors.{os.getpid()}.part", 1, 1, "model.safetensors: cannot write the model file"),
+], ids=["resume", "metrics", "model"])
+def test_full_disk_keeps_the_last_complete_epoch(tiles, tmp_path, monkeypatch, target, nth, epochs, named):
+    out = tmp_path / "model.safetensors"
+    resume = tmp_path / "model.resume.safetensors"
+    tiles_before = {p: sha256(p) for p in tiles.iterdir()}
+    hits = fill_disk_at(monkeypatch, target, nth)
+    res = _cli_train(tiles, out, "--epochs", str(epochs))
+    err = one_line_error(res, "(No space left on device)", f"{resume} (the last complete epoch) is kept")
+    assert hits["hits"] == nth and err.startswith(f"error: {tmp_path / named}")
+    assert not out.exists() and _leftovers(tmp_path) == []
+    with safe_open_meta(resume) as meta:
+        assert meta["epoch"] == 1  # the last epoch that completed before the disk filled
+    metrics = [json.loads(x) for x in (tmp_path / "model.metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in metrics] == list(range(len(metrics)))  # whole lines only
+    assert {p: sha256(p) for p in tiles.iterdir()} == tiles_before
+    if target == "model.metrics.jsonl":
+        return  # continuing is the same as after the resume-file failure
+    monkeypatch.undo()
+    res = _cli_train(tiles, out, "--epochs", str(epochs), "--resume")  # space freed: no finished epoch lost
+    assert res.exit_code == 0, res.output
+    assert load_file(str(out)) and not resume.exists() and _leftovers(tmp_path) == []
+
+
+class safe_open_meta:
+    """The JSON ``resume`` metadata of a resume file."""
+
+    def __init__(self, path: Path):
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as fh:
+            self.meta = json.loads(fh.metadata()["resume"])
+
+    def __enter__(self):
+        return self.meta
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_saved_model_has_the_users_permissions(tmp_path):
+    """Model files get the user's umask (they were 0600 whatever the umask)."""
+    from wsi_haloae.model import build_model, save_model
+
+    model = build_model("tiny", "random")
+    old = os.umask(0o022)
+    try:
+        save_model(tmp_path / "model.safetensors", model, torch.zeros(64, 64))
+        os.umask(0o077)
+        save_model(tmp_path / "private.safetensors", model, torch.zeros(64, 64))
+    finally:
+        os.umask(old)
+    assert (tmp_path / "model.safetensors").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "private.safetensors").stat().st_mode & 0o777 == 0o600

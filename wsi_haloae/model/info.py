@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import click
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -88,5 +87,5 @@ def run_info(preset: str = "paper", model_path: Path | None = None) -> dict:
         f"FLOPs/tile:        {f['total'] / 1e9:.1f} GFLOP for anomaly_map on {cfg.tile_size}x{cfg.tile_size}"
         f"  (VGG19 {f['backbone'] / 1e9:.1f} + auto-encoder {f['autoencoder'] / 1e9:.1f}; torch.utils.flop_counter)",
     ]
-    click.echo("\n".join(lines))
+    print("\n".join(lines))  # a results command: its description is the result, on stdout
     return d

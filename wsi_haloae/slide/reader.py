@@ -19,6 +19,8 @@ import numpy as np
 from PIL import Image
 
 from ..errors import BadSlideError
+from ..fileio import os_reason
+from ..images import ImageReadError, ImageTooLargeError, NotAnImageError, composite_white, read_image
 
 log = logging.getLogger(__name__)
 
@@ -42,25 +44,6 @@ class TileReadError(BadSlideError):
     """
 
 
-def _composite_white(rgba: Image.Image | np.ndarray) -> np.ndarray:
-    """RGBA (not premultiplied, as openslide-python returns it) on white → RGB uint8."""
-    a = np.asarray(rgba)
-    if a.ndim == 2:
-        return np.repeat(a[..., None], 3, axis=2).astype(np.uint8)
-    if a.shape[2] == 3:
-        return np.ascontiguousarray(a, dtype=np.uint8)
-    if a.shape[2] == 4:
-        alpha = a[..., 3:4]
-        if alpha.min() == 255:
-            return np.ascontiguousarray(a[..., :3])
-        rgb = a[..., :3].astype(np.uint16)
-        al = alpha.astype(np.uint16)
-        return ((rgb * al + 255 * (255 - al) + 127) // 255).astype(np.uint8)
-    if a.shape[2] == 2:  # grey + alpha
-        return _composite_white(np.concatenate([np.repeat(a[..., :1], 3, axis=2), a[..., 1:]], axis=2))
-    raise ValueError(f"unsupported channel count {a.shape[2]}")
-
-
 def _resolve_path(path: Path) -> Path:
     """A DICOM WSI folder is opened through any one of its files (OpenSlide finds the rest)."""
     if path.is_dir():
@@ -69,6 +52,18 @@ def _resolve_path(path: Path) -> Path:
             raise BadSlideError(f"cannot open slide {path}: a folder, and it holds no DICOM (.dcm) file")
         return dcm[0]
     return path
+
+
+def _deep_tiff(path: Path) -> bool:
+    """Whether a TIFF's first page has more than 8 bits per sample, or float samples (cheap: tags only)."""
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tf:
+            page = tf.pages[0]
+            return page.bitspersample > 8 or page.sampleformat == 3
+    except Exception:  # OpenSlide opened it; if tifffile cannot, leave it to OpenSlide
+        return False
 
 
 def _valid_mpp(v: Any) -> float | None:
@@ -90,7 +85,7 @@ class _OpenSlideBackend:
         self.properties = dict(self._osr.properties)
 
     def read(self, x: int, y: int, level: int, w: int, h: int) -> np.ndarray:
-        return _composite_white(self._osr.read_region((x, y), level, (w, h)))
+        return composite_white(self._osr.read_region((x, y), level, (w, h)))
 
     def close(self) -> None:
         self._osr.close()
@@ -108,52 +103,12 @@ class _ArrayBackend:
         self.properties = {"wsi-haloae.reader": "flat-image"}
 
     @staticmethod
-    def _check_size(path: Path, w: int, h: int) -> None:
-        if w * h > MAX_FLAT_PIXELS:
-            raise BadSlideError(
-                f"cannot open slide {path}: a flat (non-pyramidal) image of {w}x{h} px, larger than the "
-                f"{MAX_FLAT_PIXELS} px limit for flat images; convert it to a pyramidal tiled TIFF"
-            )
-
-    @classmethod
-    def _load(cls, path: Path) -> np.ndarray:
-        errors = []
-        limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None  # we apply our own limit below
-        try:
-            with Image.open(path) as im:
-                cls._check_size(path, *im.size)
-                im.draft("RGB", im.size)
-                if im.mode not in ("RGB", "RGBA", "L", "LA"):
-                    im = im.convert("RGBA" if "A" in im.getbands() else "RGB")
-                return _composite_white(np.asarray(im))
-        except BadSlideError:
-            raise
-        except Exception as exc:  # Pillow cannot: try tifffile for TIFF flavours it handles
-            errors.append(f"Pillow: {exc}")
-        finally:
-            Image.MAX_IMAGE_PIXELS = limit
-        if path.suffix.lower() in (".tif", ".tiff"):
-            import tifffile
-
-            try:
-                with tifffile.TiffFile(path) as tf:
-                    page = tf.pages[0]
-                    shape = page.shape
-                    h, w = (shape[0], shape[1]) if page.samplesperpixel > 1 or len(shape) == 2 else shape[-2:]
-                    cls._check_size(path, int(w), int(h))
-                    a = page.asarray()
-                if a.dtype != np.uint8:
-                    a = a.astype(np.float64)
-                    lo, hi = float(a.min()), float(a.max())
-                    a = ((a - lo) / (hi - lo or 1.0) * 255).astype(np.uint8)
-                if a.ndim == 3 and a.shape[0] in (3, 4) and a.shape[2] not in (3, 4):
-                    a = np.moveaxis(a, 0, -1)
-                return _composite_white(a)
-            except BadSlideError:
-                raise
-            except Exception as exc:
-                errors.append(f"tifffile: {exc}")
-        raise BadSlideError("; ".join(errors))
+    def _load(path: Path) -> np.ndarray:
+        """The decoded image (``images.read_image``: deep samples scaled, with a warning); its errors pass up."""
+        image = read_image(path, max_pixels=MAX_FLAT_PIXELS)
+        if image.note:
+            log.warning("%s: %s", path, image.note)
+        return image.pixels
 
     def read(self, x: int, y: int, level: int, w: int, h: int) -> np.ndarray:
         out = np.full((h, w, 3), 255, dtype=np.uint8)
@@ -217,24 +172,41 @@ class SlideReader:
         import openslide
 
         try:
-            self._backend = _OpenSlideBackend(self._file)
-            return
+            backend = _OpenSlideBackend(self._file)
         except openslide.OpenSlideUnsupportedFormatError as exc:
-            os_reason = str(exc) or "unsupported format"
+            unsupported = str(exc) or "unsupported format"
         except openslide.OpenSlideError as exc:
             raise BadSlideError(f"cannot open slide {self.path}: {exc}") from None
         except OSError as exc:
-            raise BadSlideError(f"cannot open slide {self.path}: {exc.strerror or exc}") from None
+            raise BadSlideError(f"cannot open slide {self.path}: {os_reason(exc)}") from None
+        else:
+            if backend.properties.get("openslide.vendor") != "generic-tiff" or not _deep_tiff(self._file):
+                self._backend = backend
+                return
+            backend.close()  # OpenSlide would keep only the high byte of each sample: decode it ourselves
+            w, h = backend.dimensions
+            if w * h > MAX_FLAT_PIXELS:
+                raise BadSlideError(
+                    f"cannot open slide {self.path}: a {w}x{h} px TIFF with more than 8 bits per sample, too large "
+                    "to decode whole, and OpenSlide would read only the high byte of each; convert it to 8 bits"
+                )
+            unsupported = ""
         try:
             self._backend = _ArrayBackend(self._file)
-        except BadSlideError as exc:
-            msg = str(exc)
-            if msg.startswith("cannot open slide"):
-                raise
+        except NotAnImageError:
             raise BadSlideError(
-                f"cannot open slide {self.path}: not a format OpenSlide reads ({os_reason}) nor an image Pillow "
+                f"cannot open slide {self.path}: not a format OpenSlide reads ({unsupported}) nor an image Pillow "
                 f"or tifffile can decode"
             ) from None
+        except ImageTooLargeError as exc:
+            raise BadSlideError(
+                f"cannot open slide {self.path}: a flat (non-pyramidal) image of {exc.width}x{exc.height} px, larger "
+                f"than the {MAX_FLAT_PIXELS} px limit for flat images; convert it to a pyramidal tiled TIFF"
+            ) from None
+        except ImageReadError as exc:  # decodable, but not as colour we can trust (float outside [0, 1] ...)
+            raise BadSlideError(f"cannot open slide {self.path}: {exc}") from None
+        except OSError as exc:
+            raise BadSlideError(f"cannot open slide {self.path}: {os_reason(exc)}") from None
 
     @property
     def is_flat(self) -> bool:

@@ -23,17 +23,18 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError
-from safetensors.torch import load_file, safe_open, save_file
+from safetensors.torch import load_file, safe_open
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from .. import __version__
 from ..config import TrainConfig
 from ..errors import BadInputError, OutputError
-from ..fileio import atomic_output, write_text_atomic
+from ..fileio import guard_outputs, output_lock, write_text_atomic
 from .data import CutPasteDataset, EpochSampler, PlainTiles, TileSet, load_tiles, training_mpp
 from .ews import weights_for
 from .losses import reconstruction_loss
+from ..model.checkpoint import is_model_file, write_safetensors
 from ..model.device import resolve_device
 
 log = logging.getLogger(__name__)
@@ -51,9 +52,17 @@ def sidecar(out: Path, suffix: str) -> Path:
     return out.with_name(stem + suffix)
 
 
-def _check_out(out: Path) -> None:
+def _check_out(out: Path, cfg: TrainConfig) -> None:
+    """Before any work: the outputs touch no input, ``--out`` replaces only a model file, the folder is writable."""
     if out.is_dir():
         raise OutputError(f"{out}: is a folder; give a file name such as model.safetensors")
+    weights = cfg.backbone_weights if cfg.backbone_weights not in ("imagenet", "random") else None
+    guard_outputs({"--out": out, "the resume file": sidecar(out, ".resume.safetensors"),
+                   "the metrics file": sidecar(out, ".metrics.jsonl")},
+                  {"tile folder": Path(cfg.tiles), "backbone weights": Path(weights) if weights else None})
+    if out.exists() and not is_model_file(out):
+        raise OutputError(f"{out}: exists and is not a wsi-haloae model file; refusing to overwrite it (choose another "
+                          "--out, or remove it yourself)")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         probe = out.parent / f".{out.name}.probe-{os.getpid()}"
@@ -87,8 +96,7 @@ def _write_resume(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer
             tensors[f"rng.cuda.{i}"] = s
     groups = [{k: v for k, v in g.items() if k != "params"} for g in sd["param_groups"]]
     meta = dict(info, format=RESUME_FORMAT, param_groups=groups, version=__version__)
-    with atomic_output(path) as tmp:
-        save_file(tensors, str(tmp), metadata={"resume": json.dumps(meta)})
+    write_safetensors(path, tensors, {"resume": json.dumps(meta)}, "the resume file")
 
 
 def _read_resume(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -210,18 +218,43 @@ def _write_metrics(path: Path, keep_before: int | None) -> None:
                     lines.append(line)
             except (ValueError, KeyError, TypeError):
                 continue
-    write_text_atomic(path, "".join(line + "\n" for line in lines))
+    write_text_atomic(path, "".join(line + "\n" for line in lines), "the metrics file")
+
+
+def _append_metrics(path: Path, stats: dict[str, Any]) -> None:
+    """Add one epoch's line; the file is rewritten whole (a few kB), so a full disk never leaves half a line."""
+    old = path.read_text() if path.is_file() else ""
+    write_text_atomic(path, old + json.dumps(stats) + "\n", "the metrics file")
 
 
 def run_train(cfg: TrainConfig) -> Path:
-    """Train, then store the model with the training tiles' mean anomaly map; returns the model path."""
+    """Train, then store the model with the training tiles' mean anomaly map; returns the model path.
+
+    Outputs are checked and locked before any work; a failed write (full disk) ends in one line that says
+    the resume file of the last complete epoch is kept, so no finished epoch is lost.
+    """
+    out = Path(cfg.out)
+    resolve_device(cfg.device)
+    _check_out(out, cfg)
+    training_mpp(Path(cfg.tiles))  # an implausible mpp in tiles.csv is refused now, not after the training
+    resume_path = sidecar(out, ".resume.safetensors")
+    with output_lock(out, "model file"):
+        try:
+            return _train(cfg)
+        except OutputError as exc:
+            if not resume_path.is_file():
+                raise
+            raise OutputError(f"{exc}; {resume_path} (the last complete epoch) is kept: free space, then rerun "
+                              "with --resume") from None
+
+
+def _train(cfg: TrainConfig) -> Path:
     from ..model import build_model
     from ..model.checkpoint import save_model
 
     t0 = time.time()
     out = Path(cfg.out)
     device = resolve_device(cfg.device)
-    _check_out(out)
     resume_path = sidecar(out, ".resume.safetensors")
     metrics_path = sidecar(out, ".metrics.jsonl")
     if cfg.resume and not resume_path.is_file():
@@ -278,8 +311,7 @@ def run_train(cfg: TrainConfig) -> Path:
                     break
                 epochs_done = epoch + 1
                 stats = {"epoch": epoch, "step": step, **stats, "seconds": round(time.time() - te, 3)}
-                with metrics_path.open("a") as fh:
-                    fh.write(json.dumps(stats) + "\n")
+                _append_metrics(metrics_path, stats)
                 info = {"epoch": epochs_done, "step": step, "config": fingerprint, "wall_time_s": elapsed_before + time.time() - t0}
                 _write_resume(resume_path, model, opt, info)
                 if cfg.max_steps is not None and step >= cfg.max_steps:
