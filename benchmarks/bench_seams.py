@@ -4,7 +4,8 @@ slide's tissue the map scores.
 1. A slide of uniform normal tissue (the synthetic generator's real IHC texture over the whole slide, no
    glass) scored by a tiny HaloAE trained for a short while on normal tiles of another such slide, at each
    ``--overlap``: the seam measure of the level-0 map (``infer.seams.seam_steps``: mean |step| between
-   neighbouring map pixels across tile borders, and within tiles; ratio 1 = no seam) and the throughput end
+   neighbouring map pixels across tile borders, and within tiles; ratio 1 = no seam; also at the window
+   step, where an overlapping map could step instead) and the throughput end
    to end (grid tiles per second: how fast a slide is done) and in windows per second.
 2. CMU-1-Small-Region (real H&E, ../shared/data) with the same model at each overlap: the share of the tissue
    scored end to end (finite level-0 map pixels / tissue-mask pixels at map resolution: the store's
@@ -72,12 +73,14 @@ def run_one(slide: Path, model: Path, out: Path, overlap: float, args) -> dict:
     level0 = writers.open_store(out)["0"]
     period = a["tile_size"] // a["pixel_downsample"]
     s = seam_steps(level0, period)
+    sw = seam_steps(level0, period // a["windows"]["per_tile"])  # where windows start and end
     return {
         "slide": slide.name, "overlap": overlap, "tiles": r.tiles_tissue, "windows": r.windows,
         "seconds": round(r.seconds, 1), "tiles_per_s": round(r.tiles_per_s, 3),
         "windows_per_s": round(r.windows / r.seconds, 3) if r.seconds else None,
         "model_windows_per_s": round(r.windows / r.model_seconds, 3) if r.model_seconds else None,
         "seam_border": s.border, "seam_inner": s.inner, "seam_ratio": round(s.ratio, 4),
+        "window_border": sw.border, "window_inner": sw.inner, "window_seam_ratio": round(sw.ratio, 4),
         "scored_fraction": a["map"]["scored_fraction"], "tissue_pixels": a["map"]["tissue_pixels"],
         "load": [load0, _common.loadavg()],
     }
