@@ -106,7 +106,7 @@ def measure(cmd: list[str], poll_s: float = 0.02, gpu: bool = False) -> dict:
 def main() -> None:
     p = _common.base_parser(__doc__.split("\n\n")[0])
     p.add_argument("--sizes", help="Comma-separated slide sides in px (default 10000,40000,100000; quick 1024,2048).")
-    p.add_argument("--radius", type=int, default=None, help="Island radius in px (default 450; quick 110).")
+    p.add_argument("--radius", type=int, default=None, help="Island radius in px (default 450; quick 125).")
     p.add_argument("--preset", default="tiny")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=32)
@@ -118,7 +118,7 @@ def main() -> None:
     result = _common.start("bench_memory", args)
     device = _common.resolve_device(args.device)
     sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else ([1024, 2048] if args.quick else [10000, 40000, 100000])
-    radius = args.radius or (110 if args.quick else 450)  # quick: islands clear of the 1024 slide's edges
+    radius = args.radius or (125 if args.quick else 450)  # quick: islands clear of the 1024 slide's edges
     args.workdir.mkdir(parents=True, exist_ok=True)
     model = _common.make_model_file(args.preset, args.workdir)
     for size in sizes:

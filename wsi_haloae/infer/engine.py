@@ -1,8 +1,10 @@
-"""Whole-slide inference: tiles → DataLoader workers → model on the device → writer thread → OUT.zarr.
+"""Whole-slide inference: windows → DataLoader workers → model on the device → writer thread → OUT.zarr.
 
-Three stages overlap. Worker processes read and decode tiles (one slide handle each); the main thread only
-moves batches to the device and runs the model (bf16 autocast + channels_last on CUDA, normalisation on
-the device); a writer thread behind a bounded queue pastes the maps into zarr chunks, so the device never
+The windows are the slide's tiles (edge tiles included, read padded), or with ``--overlap`` the overlapping
+windows around them (``_plan_map``). Three stages overlap. Worker processes read and decode windows (one
+slide handle each); the main thread only moves batches to the device and runs the model (bf16 autocast +
+channels_last on CUDA, normalisation on the device); a writer thread behind a bounded queue blends the maps
+into zarr chunks (``assembler.MapAssembler``, glass NaN'd by ``tissue_map.MapTissue``), so the device never
 waits for compression or disk. Everything lands in a temp store; the extras (``infer.outputs``) are written
 from it under temp names, and all of them are renamed onto their final names together, the store last,
 only after its completion marker is written (see writers.py): a run killed or failing at any point (a full

@@ -94,25 +94,13 @@ class MapGeometry:
             block=tile_size // pixel_downsample,
         )
 
-    def tile_origins(self, xs: np.ndarray, ys: np.ndarray, rows: np.ndarray, cols: np.ndarray,
-                     level0_stride: float) -> tuple[np.ndarray, np.ndarray]:
-        """Map-pixel top-left of each tile.
-
-        From the grid's row/column (not by rounding each level-0 coordinate), so neighbouring tiles abut
-        exactly even when the level-0 tile size is fractional.
-        """
-        if len(xs) == 0:
-            return np.zeros(0, np.int64), np.zeros(0, np.int64)
-        gx = float(xs[0]) - float(cols[0]) * level0_stride - self.origin_x
-        gy = float(ys[0]) - float(rows[0]) * level0_stride - self.origin_y
-        ox, oy = int(round(gx / self.slide_px)), int(round(gy / self.slide_px))
-        return cols.astype(np.int64) * self.block + ox, rows.astype(np.int64) * self.block + oy
-
     def window_origins(self, rows: np.ndarray, cols: np.ndarray, per_tile: int) -> tuple[np.ndarray, np.ndarray]:
         """Map-pixel top-left of windows (``slide.grid.Windows``): ``per_tile`` windows per tile side.
 
         The window grid starts at the map's origin (both are the bounds' top-left), and a window step is
-        ``block / per_tile`` map px, which must be whole so that windows land on map pixels exactly.
+        ``block / per_tile`` map px, which must be whole so that windows land on map pixels exactly. From the
+        grid's row/column (not by rounding each level-0 coordinate), so neighbouring windows abut exactly even
+        when the level-0 tile size is fractional.
         """
         if self.block % per_tile:
             raise BadInputError(f"{per_tile} overlapping windows per tile do not fit the map's {self.block} px per "
