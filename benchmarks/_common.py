@@ -107,13 +107,14 @@ def base_parser(description: str) -> argparse.ArgumentParser:
 
 
 def resolve_device(name: str):
-    import torch
+    """The package's one ``--device`` parser; a device this machine lacks ends the benchmark in one line."""
+    from wsi_haloae.errors import UserError
+    from wsi_haloae.model.device import resolve_device as resolve
 
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        sys.exit("error: --device cuda: no CUDA device here")
-    return torch.device(name)
+    try:
+        return resolve(name)
+    except UserError as exc:
+        sys.exit(f"error: {exc}")
 
 
 def start(name: str, args: argparse.Namespace) -> dict[str, Any]:

@@ -32,6 +32,7 @@ STAGES = [
     ("open slide", "reader.py", "open_slide"),
     ("tissue mask + grid", "grid.py", "build_grid"),
     ("tile loop (total)", "engine.py", "_run_tiles"),
+    ("  batch memory probe (one tile)", "batch.py", "bytes_per_tile"),
     ("  wait for tiles (DataLoader)", "dataloader.py", "__next__"),
     ("  model anomaly_map", "haloae.py", "anomaly_map"),
     ("  post-process", "anomaly_map.py", "postprocess"),
@@ -43,7 +44,8 @@ STAGES = [
     ("map pyramid", "writers.py", "build_pyramid"),
     ("OME-NGFF metadata", "writers.py", "write_multiscales"),
     ("extras (tiff/geojson/preview)", "engine.py", "_write_extras"),
-    ("finalize (marker + rename)", "writers.py", "finalize"),
+    ("completion marker", "writers.py", "mark_complete"),
+    ("publish (renames)", "fileio.py", "publish"),
 ]
 
 

@@ -182,6 +182,8 @@ def test_local_cohort_records_failures_and_resumes(tiny_model, slide_dir, tmp_pa
     p, _ = run_cli(slide_dir, "--model", tiny_model, "--out", out, "--jobs", "1", *FAST)
     assert p.returncode == 1, p.stderr
     assert "1 of 3 slides failed" in p.stderr
+    # issue 13 case 6: a slide's failure is a log line (stderr); stdout stays empty
+    assert "cohort: x failed: " in p.stderr and p.stdout == ""
     rows = read_rows(out)
     assert {k: r["status"] for k, r in rows.items()} == {"syn0": "done", "syn1": "done", "x": "failed"}
     assert "x.svs" in rows["x"]["error"] and "\n" not in rows["x"]["error"]

@@ -154,8 +154,16 @@ def test_store_metadata_agrees_with_slide(probe_run):
     assert scales == [[2.0, 2.0], [4.0, 4.0]]
     for shp, sc in zip(shapes, scales):
         assert shp[0] * sc[0] == pytest.approx(2048 * 0.5, abs=sc[0])
+    # the store is valid OME-NGFF 0.4 on Zarr format 2 (what QuPath 0.6 reads)
+    import zarr
+    from ome_zarr_models.v04 import Image
+
+    group = zarr.open_group(str(cfg.out), mode="r")
+    assert group.metadata.zarr_format == 2
+    img = Image.from_zarr(group)
+    assert [d.path for d in img.attributes.multiscales[0].datasets] == ["0", "1"]
     a = writers.read_attrs(cfg.out)
-    assert a["complete"] is True
+    assert a["complete"] is True and a["ngff"] == "0.4"
     assert a["slide"]["width"] == 2048 and a["slide"]["mpp"] == pytest.approx(0.5)
     assert len(a["slide"]["properties_sha256"]) == 64
     assert a["model"]["sha256"] == "0" * 64 and a["model"]["config"]["name"] == "tiny"
@@ -197,7 +205,7 @@ def test_run_infer_returns_and_logs_but_never_prints(synthetic_slide, tmp_path, 
     import logging
 
     cfg = cfg_for(synthetic_slide, tmp_path, geojson=tmp_path / "t.geojson")
-    with caplog.at_level(logging.INFO, logger="wsi_haloae.infer.engine"):
+    with caplog.at_level(logging.DEBUG, logger="wsi_haloae.infer.engine"):
         result = run_infer(cfg, loaded=probe())
         again = run_infer(with_(cfg, preview=tmp_path / "p.png"), loaded=probe())
     out, err = capfd.readouterr()
@@ -214,6 +222,41 @@ def test_run_infer_returns_and_logs_but_never_prints(synthetic_slide, tmp_path, 
     assert set(result.outputs) == {"zarr", "geojson"} and set(again.outputs) == {"zarr", "geojson", "preview"}
 
 
+def test_ngff_05_on_zarr_3_holds_the_same_result(synthetic_slide, tmp_path, probe_run):
+    import zarr
+    from ome_zarr_models.v05 import Image
+
+    cfg = cfg_for(synthetic_slide, tmp_path, ngff="0.5", geojson=tmp_path / "t.geojson")
+    result = run_infer(cfg, loaded=probe())
+    group = zarr.open_group(str(cfg.out), mode="r")
+    assert group.metadata.zarr_format == 3 and (Path(cfg.out) / "zarr.json").is_file()
+    img = Image.from_zarr(group)
+    assert [d.path for d in img.ome_attributes.multiscales[0].datasets] == ["0", "1"]
+    assert group["0"].metadata.dimension_names == ("y", "x")
+    assert writers.is_complete(cfg.out) and writers.read_attrs(cfg.out)["ngff"] == "0.5"
+    ref_cfg, ref = probe_run
+    ref_g = writers.open_store(ref_cfg.out)
+    for a, b in zip(writers.map_levels(writers.open_store(cfg.out)), writers.map_levels(ref_g)):
+        np.testing.assert_array_equal(a[:], b[:])
+    assert result.summary == ref.summary
+    assert run_infer(cfg, loaded=probe()).status == "skipped"  # completeness is read from zarr.json
+
+
+def test_a_complete_store_of_another_slide_or_model_is_not_taken_for_this_run(synthetic_slide, tmp_path):
+    from wsi_haloae.slide.synthetic import write_synthetic_slide
+
+    cfg = cfg_for(synthetic_slide, tmp_path)
+    run_infer(cfg, loaded=probe())
+    other = write_synthetic_slide(tmp_path / "other.tif", width=1024, height=1024, mpp=0.5, seed=3)
+    with pytest.raises(OutputError, match="made from another slide"):
+        run_infer(with_(cfg, slide=other), loaded=probe())
+    m = probe()
+    m.sha256 = "1" * 64
+    with pytest.raises(OutputError, match="made by another model"):
+        run_infer(cfg, loaded=m)
+    assert run_infer(with_(cfg, slide=other, overwrite=True), loaded=m).status == "done"
+
+
 @pytest.mark.parametrize("downsample", [1, 8])
 def test_pixel_downsample(synthetic_slide, tmp_path, downsample):
     cfg = cfg_for(synthetic_slide, tmp_path, pixel_downsample=downsample)
@@ -227,7 +270,7 @@ def test_pixel_downsample(synthetic_slide, tmp_path, downsample):
     assert scale0 == [0.5 * downsample] * 2
     reader = SlideReader(synthetic_slide)
     tissue = tissue_on_map(cfg.out)
-    for i in (0, len(g["tiles/xy"]) // 2):
+    for i in (0, g["tiles/xy"].shape[0] // 2):
         (x, y), (r, c) = g["tiles/xy"][i], g["tiles/rc"][i]
         sl = np.s_[r * b:(r + 1) * b, c * b:(c + 1) * b]
         assert_block(levels[0][sl], expected_block(reader, x, y, 0.5, downsample), tissue[sl])

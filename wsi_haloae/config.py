@@ -317,6 +317,7 @@ class InferOptions:
     min_tissue: float = 0.1  # tissue fraction a tile needs to be scored (edge tiles included: any real tissue)
     max_failed_fraction: float = 0.05  # unreadable tissue tiles tolerated before the slide is refused
     progress: bool = True  # a tqdm bar on stderr
+    ngff: str = "0.4"  # OME-NGFF version of the store: 0.4 on Zarr 2 (what QuPath 0.6 reads) or 0.5 on Zarr 3
 
     def __post_init__(self) -> None:
         if self.mpp is not None and not self.mpp > 0:
@@ -334,6 +335,8 @@ class InferOptions:
             raise BadInputError(f"--pixel-downsample {self.pixel_downsample}: must be at least 1")
         if not 0 <= self.min_tissue <= 1:
             raise BadInputError(f"--min-tissue {self.min_tissue}: must be between 0 and 1")
+        if self.ngff not in ("0.4", "0.5"):
+            raise BadInputError(f"--ngff {self.ngff}: expected 0.4 (Zarr 2) or 0.5 (Zarr 3)")
         if not 0 <= self.max_failed_fraction <= 1:
             raise BadInputError(f"max_failed_fraction {self.max_failed_fraction}: must be between 0 and 1")
 

@@ -117,6 +117,25 @@ def _check_options(cfg: CohortConfig) -> None:
         magnification_to_mpp(cfg.options.magnification)
 
 
+def _guard(cfg: CohortConfig, entries: list[SlideEntry], out: Path, model: Path) -> None:
+    """Before anything runs: no file the cohort writes may overwrite, or sit inside, an input (the model, the
+    manifest, any slide: e.g. a slide DIR/A.ome.tiff would be the OME-TIFF of slide A)."""
+    from ..fileio import guard_outputs
+    from ..infer.outputs import BY_NAME, cohort_paths
+
+    inputs: dict[str, Path] = {"--model": model}
+    if Path(cfg.slides).is_file():
+        inputs["manifest"] = Path(cfg.slides)
+    inputs.update({f"slide {e.id}": e.path for e in entries})
+    outputs: dict[str, Path] = {f"cohort {name}": out / name for name in ("cohort.csv", "cohort.json", "index.html")}
+    outputs["cohort records"] = out / RECORD_DIR
+    extras = _extras(cfg)
+    for e in entries:
+        for name, p in cohort_paths(out, e.id, extras).items():
+            outputs[f"the {BY_NAME[name].what} of slide {e.id}"] = p
+    guard_outputs(outputs, inputs)
+
+
 def _model_sha256(model: Path) -> str:
     """Load the model once here (CPU) so that a wrong model file fails the command, not every slide."""
     from ..model.checkpoint import load_model
@@ -278,6 +297,7 @@ def run_cohort(cfg: CohortConfig) -> int:
     if out.exists() and not out.is_dir():
         raise OutputError(f"{out}: exists and is not a folder")
     model = Path(cfg.model).expanduser().resolve()
+    _guard(cfg, entries, out, model)
     sha = _model_sha256(model)
     rows, todo, redo = _plan(entries, out, cfg, sha)
     if cfg.dry_run:

@@ -22,7 +22,7 @@ import queue
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,11 +34,11 @@ import torch.nn.functional as F
 
 from .. import __version__
 from ..config import InferConfig
-from ..errors import BadInputError, BadSlideError
+from ..errors import BadInputError, BadModelFileError, BadSlideError, OutputError
 from ..fileio import guard_outputs, output_lock, partial_name, publish, remove_path, write_error
 from ..model.device import resolve_device
 from ..slide.ids import slide_id
-from . import outputs, writers
+from . import batch, outputs, writers
 from .assembler import MapAssembler, blend_window, tile_scores_from_windows
 from .geojson import robust_threshold
 from .outputs import STORE
@@ -211,14 +211,15 @@ def run_infer(cfg: InferConfig, loaded=None) -> InferResult:
         for name, p in paths.items():
             locks.enter_context(output_lock(p, outputs.BY_NAME[name].what))
         if not cfg.overwrite and STORE.is_complete(paths[STORE.name]):
-            return _complete_the_extras(cfg, paths, t_start)
+            return _complete_the_extras(cfg, paths, t_start, loaded)
         return _run(cfg, paths, loaded, t_start)
 
 
-def _complete_the_extras(cfg: InferConfig, paths: dict[str, Path], t_start: float) -> InferResult:
+def _complete_the_extras(cfg: InferConfig, paths: dict[str, Path], t_start: float, loaded) -> InferResult:
     """A complete store is there: leave it alone, and make only the requested extras that are missing."""
     out = paths[STORE.name]
     attrs = writers.read_attrs(out)
+    _check_same_run(cfg, out, attrs, loaded)
     missing = {n: p for n, p in paths.items() if not outputs.BY_NAME[n].is_complete(p)}
     temps = {n: partial_name(p) for n, p in missing.items()}
     try:
@@ -231,8 +232,32 @@ def _complete_the_extras(cfg: InferConfig, paths: dict[str, Path], t_start: floa
             remove_path(t)
     result = InferResult.from_attrs(attrs, cfg.slide, "skipped", time.perf_counter() - t_start, paths,
                                     written=list(missing))
-    log.info("%s", result.line())
+    log.debug("%s", result.line())
     return result
+
+
+def _check_same_run(cfg: InferConfig, out: Path, attrs: dict[str, Any], loaded) -> None:
+    """A complete store is only "already done" for the same slide and model: anything else is refused rather
+    than reported as this run's result."""
+    from ..slide.reader import open_slide
+
+    recorded = attrs.get("slide") or {}
+    scan = recorded.get("properties_sha256")  # the scan, wherever its file has moved since
+    if scan and scan != open_slide(cfg.slide).properties_sha256:
+        raise OutputError(f"{out}: complete, but made from another slide ({recorded.get('path')}); use --overwrite "
+                          "to replace it, or choose another --out")
+    sha = (attrs.get("model") or {}).get("sha256")
+    if loaded is not None:
+        have = loaded.sha256
+    elif Path(cfg.model).is_file():
+        from ..model.features import file_sha256
+
+        have = file_sha256(Path(cfg.model))
+    else:
+        return  # no model file to compare with: the store stands on its own
+    if sha and sha != have:
+        raise OutputError(f"{out}: complete, but made by another model (sha256 {sha[:12]}...); use --overwrite to "
+                          "replace it, or choose another --out")
 
 
 def _write_extras(ctx: outputs.StoreContext, extras: dict[str, Path], temps: dict[str, Path]) -> None:
@@ -270,14 +295,15 @@ def _run(cfg: InferConfig, paths: dict[str, Path], loaded, t_start: float) -> In
     temps = {k: partial_name(p) for k, p in extras.items()}
     try:
         with _writing(out, STORE.what):
-            group = writers.open_new_store(tmp)
+            group = writers.open_new_store(tmp, ngff=opts.ngff)
             level0 = writers.create_map_level(group, "0", (geom.height, geom.width))
         assembler = MapAssembler(level0, plan.px, plan.py, block, blend_window(block, win.per_tile),
                                  finalize=plan.tissue)
         w_mean = np.full(len(win), np.nan, np.float32)
         w_max = np.full(len(win), np.nan, np.float32)
         w_ok = np.zeros(len(win), bool)
-        model_s, w_failed = _run_tiles(cfg, loaded, device, grid, win, block, assembler, w_mean, w_max, w_ok, out)
+        model_s, w_failed, batch_size = _run_tiles(cfg, loaded, device, grid, win, block, assembler, w_mean, w_max,
+                                                   w_ok, out)
         # one score per grid tile, its own window's (see assembler.tile_scores_from_windows)
         score_mean, score_max = tile_scores_from_windows(win.tile_window, w_mean, w_max)
         ok_all = w_ok[win.tile_window]
@@ -320,6 +346,7 @@ def _run(cfg: InferConfig, paths: dict[str, Path], loaded, t_start: float) -> In
             "level0_tile": grid.level0_tile,
             "min_tissue": opts.min_tissue,
             "pixel_downsample": opts.pixel_downsample,
+            "ngff": opts.ngff,
             "map": {
                 "um_per_px": geom.um,
                 "slide_px_per_map_px": geom.slide_px,
@@ -336,7 +363,8 @@ def _run(cfg: InferConfig, paths: dict[str, Path], loaded, t_start: float) -> In
             "summary": slide_summary(score_mean, grid.mask, thr["value"], n),
             "geojson": {"offset": [reader.bounds[0], reader.bounds[1]], "class": "Anomalous"},
             "device": str(device),
-            "batch_size": opts.batch_size,
+            "batch_size": batch_size,
+            "batch_size_requested": opts.batch_size,
             "workers": opts.workers,
             "model_seconds": model_s,
         }
@@ -360,7 +388,7 @@ def _run(cfg: InferConfig, paths: dict[str, Path], loaded, t_start: float) -> In
     if result.status == NO_TISSUE:
         log.warning("%s: no tissue found (%s); check the slide or lower --min-tissue", cfg.slide,
                     no_tissue_reason(grid.n_grid, opts.min_tissue))
-    log.info("%s", result.line())
+    log.debug("%s", result.line())
     return result
 
 
@@ -446,36 +474,72 @@ def slide_summary(score_mean: np.ndarray, mask: np.ndarray, threshold: float | N
     }
 
 
+def _scorer(model: torch.nn.Module, mean_map: torch.Tensor, block: int) -> Callable[[torch.Tensor], tuple]:
+    """The per-batch computation: uint8 tiles (B, 3, T, T) on the model's device -> (map blocks (B, block,
+    block), tile mean scores (B,), tile max scores (B,)), all still on that device."""
+    from ..model.anomaly_map import postprocess, tile_scores
+
+    fm = model.config.fm_size
+    cuda = mean_map.device.type == "cuda"
+
+    def score(tiles: torch.Tensor) -> tuple:
+        x = tiles.float().div_(255.0).contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device_type="cuda" if cuda else "cpu", dtype=torch.bfloat16, enabled=cuda):
+            raw = model.anomaly_map(x)
+        raw = raw.float()
+        pp = postprocess(raw, mean_map)
+        mean, mx = tile_scores(pp)
+        if block > fm:
+            pp = postprocess(raw, mean_map, out_size=block)
+        elif block < fm:
+            pp = F.avg_pool2d(pp[:, None], fm // block)[:, 0]
+        return pp, mean, mx
+
+    return score
+
+
+def _batch_size(cfg: InferConfig, model, mean_map: torch.Tensor, device: torch.device, n: int, block: int,
+                workers: int) -> int:
+    """``--batch-size``, reduced with a warning to what fits in memory (infer/batch.py)."""
+    requested = cfg.options.batch_size
+    if min(requested, n) <= 1:
+        return requested  # nothing to reduce
+    per_model = batch.bytes_per_tile(lambda m, mm: _scorer(m, mm, block), model, mean_map, device)
+    per_host = batch.host_bytes_per_tile(model.config.tile_size, block, workers, QUEUE_BATCHES)
+    return batch.fit_batch_size(requested, n, device, per_model, per_host, batch.available_host_bytes(),
+                                batch.available_device_bytes(device))
+
+
 def _run_tiles(cfg: InferConfig, loaded, device: torch.device, grid, win, block: int,
                assembler: MapAssembler, score_mean: np.ndarray, score_max: np.ndarray,
-               ok_all: np.ndarray, out: Path) -> tuple[float, int]:
+               ok_all: np.ndarray, out: Path) -> tuple[float, int, int]:
     """The hot loop over the windows ``win`` (the grid's tiles at overlap 0); the arrays are per window.
-    Returns (synchronised model seconds, unreadable window count)."""
+    Returns (synchronised model seconds, unreadable window count, batch size used)."""
     from tqdm import tqdm
 
-    from ..model.anomaly_map import postprocess, tile_scores
     from .dataset import TileDataset, make_loader
 
     n = len(win)
+    opts = cfg.options
     if n == 0:
-        return 0.0, 0
+        return 0.0, 0, opts.batch_size
     unit = "tile" if win.per_tile == 1 else "window"
-    model = loaded.model
-    mcfg = model.config
-    fm = mcfg.fm_size
+    mcfg = loaded.model.config
     cuda = device.type == "cuda"
-    mean_map = loaded.mean_map.to(device).float()
     # channels_last on every device: cuDNN's and oneDNN's fast convolution layout (+30-60 % tiles per CPU
     # second measured in benchmarks/RESULTS.md, same outputs)
-    model = model.to(memory_format=torch.channels_last)
-    opts = cfg.options
-    max_failed = int(math.floor(opts.max_failed_fraction * n))
-    ds = TileDataset(cfg.slide, win.xs, win.ys, mcfg.tile_size, None, scale=grid.scale, fill=grid.background)
-    workers = min(opts.workers, n // opts.batch_size)  # a slide of one batch is read faster in-process
+    loaded.model.to(memory_format=torch.channels_last)
+    mean_map = loaded.mean_map.to(device).float()
+    score = _scorer(loaded.model, mean_map, block)
+    workers = opts.workers
     if workers and multiprocessing.current_process().daemon:
         log.warning("%s: running in a daemonic process, which cannot start tile readers: reading in-process", cfg.slide)
         workers = 0
-    loader = make_loader(ds, opts.batch_size, workers, pin_memory=cuda)
+    batch_size = _batch_size(cfg, loaded.model, mean_map, device, n, block, workers)
+    workers = min(workers, (n - 1) // batch_size)  # a slide of one batch is read faster in-process
+    max_failed = int(math.floor(opts.max_failed_fraction * n))
+    ds = TileDataset(cfg.slide, win.xs, win.ys, mcfg.tile_size, None, scale=grid.scale, fill=grid.background)
+    loader = make_loader(ds, batch_size, workers, pin_memory=cuda)
     writer = _Writer(assembler, out)
     writer.start()
     model_s = 0.0
@@ -499,22 +563,19 @@ def _run_tiles(cfg: InferConfig, loaded, device: torch.device, grid, win, block:
                 if cuda:
                     torch.cuda.synchronize(device)
                 t0 = time.perf_counter()
-                x = x.float().div_(255.0).contiguous(memory_format=torch.channels_last)
-                with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cuda):
-                    raw = model.anomaly_map(x)
-                raw = raw.float()
-                pp = postprocess(raw, mean_map)
-                mean, mx = tile_scores(pp)
-                if block > fm:
-                    pp = postprocess(raw, mean_map, out_size=block)
-                elif block < fm:
-                    pp = F.avg_pool2d(pp[:, None], fm // block)[:, 0]
+                pp, mean, mx = score(x)
                 if cuda:
                     torch.cuda.synchronize(device)
                 model_s += time.perf_counter() - t0
                 blocks = pp.to("cpu", torch.float32).numpy()
-                score_mean[idx_np] = np.where(ok_np, mean.float().cpu().numpy(), np.nan)
-                score_max[idx_np] = np.where(ok_np, mx.float().cpu().numpy(), np.nan)
+                mean_np, max_np = mean.float().cpu().numpy(), mx.float().cpu().numpy()
+                if not (np.isfinite(mean_np[ok_np]).all() and np.isfinite(max_np[ok_np]).all()):
+                    raise BadModelFileError(
+                        f"{loaded.path or cfg.model}: the model's anomaly maps hold NaN or infinite values "
+                        "(its weights or mean map are probably corrupt, e.g. a diverged training run); "
+                        "nothing was written")
+                score_mean[idx_np] = np.where(ok_np, mean_np, np.nan)
+                score_max[idx_np] = np.where(ok_np, max_np, np.nan)
                 ok_all[idx_np] = ok_np
                 writer.put((idx_np, blocks, ok_np))
                 bar.update(len(idx_np))
@@ -527,7 +588,7 @@ def _run_tiles(cfg: InferConfig, loaded, device: torch.device, grid, win, block:
         bar.close()
         del loader
     writer.close()
-    return model_s, failed
+    return model_s, failed, batch_size
 
 
 def _write_tables(group, grid, px, py, score_mean, score_max, ok) -> None:
@@ -547,9 +608,9 @@ def _write_tables(group, grid, px, py, score_mean, score_max, ok) -> None:
     for name, vals in (("score_mean", score_mean), ("score_max", score_max)):
         a = np.full((grid.n_rows, grid.n_cols), np.nan, np.float32)
         a[grid.rows, grid.cols] = vals
-        g.create_dataset(name, data=a, chunks=(min(1024, max(1, grid.n_rows)), min(1024, max(1, grid.n_cols))),
-                         fill_value=np.nan)
+        writers.create_array(g, name, data=a, fill_value=np.nan,
+                             chunks=(min(1024, max(1, grid.n_rows)), min(1024, max(1, grid.n_cols))))
     g.attrs["description"] = "(n_rows, n_cols) tile scores; NaN where there is no tissue or the tile was unreadable"
-    m = group.create_dataset("mask", data=grid.mask.astype(np.uint8), chunks=(1024, 1024), fill_value=0)
+    m = writers.create_array(group, "mask", data=grid.mask.astype(np.uint8), chunks=(1024, 1024), fill_value=0)
     m.attrs["downsample"] = float(grid.mask_downsample)
     m.attrs["description"] = "tissue mask (1 = tissue); mask pixel (0, 0) = level-0 (0, 0); downsample = level-0 px per mask px"

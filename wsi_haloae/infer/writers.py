@@ -1,5 +1,9 @@
 """The OUT.zarr result store: an OME-NGFF 0.4 multiscale heatmap on Zarr format 2, plus tile tables.
 
+OME-NGFF 0.4 on Zarr format 2 is what QuPath 0.6 reads; ``--ngff 0.5`` writes the same layout as OME-NGFF 0.5
+on Zarr format 3 (metadata under the ``ome`` attribute, ``dimension_names`` on the map levels). Both are
+written with zarr-python 3 and read back through it, whatever the format.
+
 Why it looks like this:
 - The store is built in a sibling temp directory (``fileio.partial_name``: fixed, safe under the output's
   lock) and renamed onto the final name only after the completion marker is in it, together with the
@@ -40,13 +44,21 @@ MARKER = ".complete"
 ATTR = "wsi_haloae"
 
 
+def _root_attrs(out_zarr: str | Path) -> dict[str, Any]:
+    """The root group's attributes, read from the metadata file itself (no zarr import; format 2 or 3)."""
+    p = Path(out_zarr)
+    if (p / ".zattrs").is_file():
+        return json.loads((p / ".zattrs").read_text())
+    return json.loads((p / "zarr.json").read_text()).get("attributes", {})
+
+
 def is_complete(out_zarr: str | Path) -> bool:
     """True when ``out_zarr`` holds a finished result (marker file and attribute, both written last)."""
     p = Path(out_zarr)
     if not (p / MARKER).is_file():
         return False
     try:
-        attrs = json.loads((p / ".zattrs").read_text())
+        attrs = _root_attrs(p)
     except (OSError, ValueError):
         return False
     return bool(attrs.get(ATTR, {}).get("complete"))
@@ -54,7 +66,7 @@ def is_complete(out_zarr: str | Path) -> bool:
 
 def read_attrs(out_zarr: str | Path) -> dict[str, Any]:
     """The ``wsi_haloae`` provenance attributes of a store."""
-    return json.loads((Path(out_zarr) / ".zattrs").read_text()).get(ATTR, {})
+    return _root_attrs(out_zarr).get(ATTR, {})
 
 
 @dataclass(frozen=True)
@@ -109,27 +121,58 @@ class MapGeometry:
         return np.asarray(cols, np.int64) * step, np.asarray(rows, np.int64) * step
 
 
-def open_new_store(path: Path):
-    """A fresh zarr v2 group at ``path`` with '/'-separated chunk keys (OME-NGFF 0.4 requires them)."""
-    import zarr
+#: OME-NGFF version -> Zarr format. 0.4 (Zarr 2) is the default: what QuPath 0.6 reads.
+NGFF_ZARR_FORMAT = {"0.4": 2, "0.5": 3}
 
+
+def open_new_store(path: Path, ngff: str = "0.4"):
+    """A fresh, empty group at ``path`` in the Zarr format of OME-NGFF ``ngff`` (0.4: Zarr 2; 0.5: Zarr 3)."""
+    import zarr
+    from zarr.storage import LocalStore
+
+    if ngff not in NGFF_ZARR_FORMAT:
+        raise ValueError(f"OME-NGFF {ngff!r}: expected one of {', '.join(NGFF_ZARR_FORMAT)}")
     remove_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    store = zarr.DirectoryStore(str(path), dimension_separator="/")
-    return zarr.open_group(store, mode="w")
+    return zarr.open_group(LocalStore(path), mode="w", zarr_format=NGFF_ZARR_FORMAT[ngff])
 
 
 def open_store(path: Path, mode: str = "r"):
+    """An existing store (either Zarr format)."""
     import zarr
+    from zarr.storage import LocalStore
 
-    return zarr.open_group(zarr.DirectoryStore(str(path), dimension_separator="/"), mode=mode)
+    return zarr.open_group(LocalStore(path, read_only=mode == "r"), mode=mode)
+
+
+def create_array(group, name: str, *, shape: tuple[int, ...] | None = None, data: np.ndarray | None = None,
+                 chunks: tuple[int, ...], dtype: Any = None, fill_value: Any = 0,
+                 dimension_names: tuple[str, ...] | None = None):
+    """Every array of the store goes through here, so all share one encoding.
+
+    Zarr 2 (OME-NGFF 0.4): blosc-lz4 with byte shuffle (what zarr-python 2 wrote, which every Zarr 2 reader
+    has) and '/'-separated chunk keys (0.4 requires them). Zarr 3: zarr's default codecs and chunk keys, and
+    ``dimension_names`` (0.5 asks for them). Chunks equal to the fill value are not written
+    (``write_empty_chunks`` off): glass costs nothing on disk.
+    """
+    import numcodecs
+
+    kw: dict[str, Any] = {}
+    if group.metadata.zarr_format == 2:
+        kw = dict(compressors=numcodecs.Blosc(cname="lz4", clevel=5, shuffle=numcodecs.Blosc.SHUFFLE),
+                  chunk_key_encoding={"name": "v2", "separator": "/"})
+    elif dimension_names is not None:
+        kw = dict(dimension_names=dimension_names)
+    if data is not None:
+        return group.create_array(name, data=data, chunks=chunks, fill_value=fill_value,
+                                  config={"write_empty_chunks": False}, **kw)
+    return group.create_array(name, shape=shape, chunks=chunks, dtype=dtype, fill_value=fill_value,
+                              config={"write_empty_chunks": False}, **kw)
 
 
 def create_map_level(group, name: str, shape: tuple[int, int]):
-    import zarr  # noqa: F401  (group.create_dataset needs zarr loaded)
-
-    return group.create_dataset(name, shape=shape, chunks=(CHUNK, CHUNK), dtype="f4", fill_value=np.nan,
-                                write_empty_chunks=False)
+    return create_array(group, name, shape=shape, chunks=(CHUNK, CHUNK), dtype="f4", fill_value=np.nan,
+                        dimension_names=("y", "x"))
 
 
 def nan_mean_2x2(a: np.ndarray) -> np.ndarray:
@@ -184,9 +227,10 @@ def build_pyramid(group, min_size: int = MIN_LEVEL_SIZE, written: set[tuple[int,
 
 
 def write_multiscales(group, n_levels: int, um: float, name: str = "anomaly_map") -> None:
-    """OME-NGFF 0.4 ``multiscales`` metadata: axes y/x in micrometres, a scale transform per level.
+    """OME-NGFF ``multiscales`` metadata: axes y/x in micrometres, a scale transform per level.
 
-    Written as the 0.4 spec lays it out (validated against ``ome_zarr``'s reader in the tests) rather than
+    0.4 on a Zarr 2 group (the ``multiscales`` attribute), 0.5 on a Zarr 3 group (under the ``ome``
+    attribute). Written as the spec lays it out (validated with ``ome-zarr-models`` in the tests) rather than
     through ``ome_zarr.writer``, whose import pulls in dask.array and scikit-image: seconds per process.
     """
     datasets = [
@@ -194,27 +238,31 @@ def write_multiscales(group, n_levels: int, um: float, name: str = "anomaly_map"
         for k in range(n_levels)
     ]
     axes = [{"name": "y", "type": "space", "unit": "micrometer"}, {"name": "x", "type": "space", "unit": "micrometer"}]
-    group.attrs["multiscales"] = [{
-        "version": "0.4",
+    ms = {
         "name": name,
         "axes": axes,
         "datasets": datasets,
         "type": "mean",
         "metadata": {"method": "nan-aware 2x2 mean (wsi_haloae.infer.writers.nan_mean_2x2)"},
-    }]
+    }
+    if group.metadata.zarr_format == 2:
+        group.attrs["multiscales"] = [{"version": "0.4", **ms}]
+    else:
+        group.attrs["ome"] = {"version": "0.5", "multiscales": [ms]}
 
 
 def write_table(group, name: str, data: np.ndarray, chunk: int = 65536) -> None:
     """A small 1-D/2-D table (tiles, grids); chunked along the first axis."""
-    chunks = (min(max(1, data.shape[0]), chunk),) + tuple(data.shape[1:]) if data.ndim else None
+    chunks = (min(max(1, data.shape[0]), chunk),) + tuple(data.shape[1:])
     fill = np.nan if data.dtype.kind == "f" else 0
-    group.create_dataset(name, data=data, chunks=chunks, fill_value=fill)
+    create_array(group, name, data=data, chunks=chunks, fill_value=fill)
 
 
 def map_levels(group) -> list:
-    """The map level arrays in order (from the multiscales metadata)."""
-    ms = group.attrs["multiscales"][0]["datasets"]
-    return [group[d["path"]] for d in ms]
+    """The map level arrays in order (from the multiscales metadata, either version)."""
+    attrs = group.attrs.asdict()
+    ms = attrs["ome"]["multiscales"] if "ome" in attrs else attrs["multiscales"]
+    return [group[d["path"]] for d in ms[0]["datasets"]]
 
 
 def mark_complete(tmp: Path, attrs: dict[str, Any]) -> None:

@@ -67,12 +67,6 @@ class TileGrid:
     def __len__(self) -> int:
         return int(self.xs.size)
 
-    def cell_xy(self, rows: np.ndarray, cols: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Level-0 top-left of grid cells (same rounding as the kept tiles)."""
-        xs = self.origin[0] + np.round(np.asarray(cols) * self.level0_stride).astype(np.int64)
-        ys = self.origin[1] + np.round(np.asarray(rows) * self.level0_stride).astype(np.int64)
-        return xs, ys
-
     def subset(self, idx: np.ndarray) -> "TileGrid":
         """The same grid keeping only tiles ``idx`` (e.g. a random sample)."""
         from dataclasses import replace

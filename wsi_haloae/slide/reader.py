@@ -379,10 +379,3 @@ def open_slide(path: str | os.PathLike) -> SlideReader:
             _CACHE.pop(next(iter(_CACHE))).close()
     _CACHE[key] = r  # (re)inserted last: the dict order is least- to most-recently used
     return r
-
-
-def close_all() -> None:
-    """Close this process's cached readers."""
-    pid = os.getpid()
-    for k in [k for k in _CACHE if k[0] == pid]:
-        _CACHE.pop(k).close()
