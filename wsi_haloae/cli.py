@@ -92,6 +92,9 @@ def info(preset: str, model_path: Path | None) -> None:
 @click.option("--workers", default=2, show_default=True, type=click.IntRange(min=0))
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its resume file.")
+@click.option("--checkpoint-minutes", default=10.0, show_default=True, type=click.FloatRange(min=0),
+              help="Write the resume file this often (and at every epoch end); 0: after every step.")
+@click.option("--compile", "compile", is_flag=True, help="torch.compile the model (for long GPU runs: a few minutes to compile, then faster steps).")
 def train(**kw) -> None:
     """Train HaloAE on normal tiles."""
     from .config import TrainConfig

@@ -48,6 +48,10 @@ def check_mpp(value: Any, what: str) -> float | None:
 
 
 # ------------------------------------------------------------------------------------ model config bounds
+#: Allowed values of ``ModelConfig.attention``.
+ATTENTION_MODES = ("halo", "authors-mask")
+
+
 @dataclass(frozen=True)
 class Int:
     """A whole number in [lo, hi] (``odd``: odd only, e.g. a same-padding kernel)."""
@@ -127,6 +131,7 @@ MODEL_BOUNDS: dict[str, Int | Count | OneOf | Text] = {
     "tile_size": Int(32, 1024),
     "fm_size": Int(8, 256),
     "upsample": OneOf(("depthwise", "bilinear")),
+    "attention": OneOf(ATTENTION_MODES),
 }
 
 #: Tensor elements a model file may hold (weights + buffers): 100M (400 MB in float32), 7x the paper model
@@ -178,6 +183,9 @@ class ModelConfig:
     tile_size: int = 256
     fm_size: int = 64
     upsample: str = "depthwise"  # how the decoder goes 60 -> 64: "depthwise" (5x5 transposed) or "bilinear"
+    #: "halo": real halo attention (HaloNet, the paper's text); "authors-mask": what the authors' code computes
+    #: with its inverted mask (windowed average pooling of v; see docs/model-card.md), to reproduce their numbers
+    attention: str = "halo"
     description: str = ""
 
     @property
@@ -285,6 +293,10 @@ class TrainConfig:
     weight_decay: float = 1e-5
     jitter: float = 0.1
     max_steps: int | None = None  # testing aid: stop after this many optimizer steps (in total)
+    max_seconds: float | None = None  # benchmark aid: stop training after this long, then finish the model as usual
+    checkpoint_minutes: float = 10.0  # a resume file this often (and at every epoch end); 0: after every step
+    refresh_bn: bool = True  # recompute BatchNorm statistics on the training tiles after the last step (train/batchnorm.py)
+    compile: bool = False  # torch.compile the model for the training steps (meant for CUDA; minutes to compile)
 
 
 #: The overlaps ``--overlap`` accepts: 1 - 1/k, so that a window falls exactly on every grid tile
