@@ -4,7 +4,7 @@ The slide is CMU-1-Small-Region.svs (real H&E, Aperio) mirror-tiled into a large
 IHC slide when ../shared/data is absent). ``run_infer`` records the synchronised seconds spent in the model
 beside the end-to-end seconds, so both rates come from one run on one device and their ratio is the pipeline's
 overhead. The main thread is profiled with cProfile (setup, waiting for tiles, model, handing maps to the
-writer, pyramid, extras), the writer thread's busy time is measured by wrapping ``ChunkAssembler.add``, and
+writer, pyramid, extras), the writer thread's busy time is measured by wrapping ``MapAssembler.add``, and
 the reader workers' CPU time comes from ``getrusage(RUSAGE_CHILDREN)``.
 
     python benchmarks/bench_infer.py [--quick] [--out results.json] [--size 8192] [--workers 0,1,2]
@@ -39,7 +39,7 @@ STAGES = [
     ("  hand to writer (queue full)", "engine.py", "put"),
     ("  drain writer at end", "engine.py", "close"),
     ("new store", "writers.py", "open_new_store"),
-    ("chunk assembler set-up", "writers.py", "__init__"),  # ChunkAssembler is the only class there with one
+    ("map assembler set-up", "assembler.py", "__init__"),  # MapAssembler is the only class there with one
     ("write tables", "engine.py", "_write_tables"),
     ("map pyramid", "writers.py", "build_pyramid"),
     ("OME-NGFF metadata", "writers.py", "write_multiscales"),
@@ -60,13 +60,13 @@ def stage_times(prof: cProfile.Profile, wall: float) -> dict[str, float]:
 
 
 class _BusyClock:
-    """Wraps ChunkAssembler.add to add up the writer thread's busy seconds (thread CPU clock and wall)."""
+    """Wraps MapAssembler.add to add up the writer thread's busy seconds (thread CPU clock and wall)."""
 
     def __init__(self) -> None:
-        from wsi_haloae.infer import writers
+        from wsi_haloae.infer import assembler
 
-        self.writers = writers
-        self.orig = writers.ChunkAssembler.add
+        self.assembler = assembler
+        self.orig = assembler.MapAssembler.add
         self.wall = 0.0
         self.lock = threading.Lock()
 
@@ -81,11 +81,11 @@ class _BusyClock:
                 with clock.lock:
                     clock.wall += time.perf_counter() - t
 
-        self.writers.ChunkAssembler.add = add
+        self.assembler.MapAssembler.add = add
         return self
 
     def __exit__(self, *exc) -> None:
-        self.writers.ChunkAssembler.add = self.orig
+        self.assembler.MapAssembler.add = self.orig
 
 
 def run_once(slide: Path, model: Path, workdir: Path, workers: int, batch: int, device: str, mpp: float | None,

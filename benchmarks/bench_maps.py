@@ -5,8 +5,7 @@ right/bottom strip as padded edge tiles), each tissue threshold and each overlap
 scored and the fraction of the slide's tissue-mask pixels that lie in one of them
 (``slide.grid.scored_tissue_fraction``; unreadable tiles aside, this is the share of tissue the map colours,
 since glass is NaN'd at map resolution). The end-to-end figures (scored fraction of a real run, the seam
-measure of ``infer.seams`` per overlap and its throughput cost) come with the round-2 integration of overlap
-into ``infer``.
+measure of ``infer.seams`` per overlap and its throughput cost) are ``bench_seams.py``'s.
 
     python benchmarks/bench_maps.py [--quick] [--slide PATH] [--mpp 0.5] [--out results.json]
 """

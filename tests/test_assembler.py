@@ -41,7 +41,8 @@ def test_blend_window_is_a_positive_partition_of_unity():
     assert (blend_window(16, 1) == 1).all()
 
 
-def test_overlap_0_is_exactly_the_old_assembler_in_any_order(tmp_path):
+def test_overlap_0_is_exactly_the_pasted_tiles_in_any_order(tmp_path):
+    """No overlap: each map pixel is its tile's value, bit for bit (what infer wrote before blending existed)."""
     rng = np.random.default_rng(0)
     b = 48  # not a divisor of the chunk: tiles straddle chunk borders
     rows, cols = np.nonzero(rng.random((30, 25)) < 0.6)
@@ -50,16 +51,20 @@ def test_overlap_0_is_exactly_the_old_assembler_in_any_order(tmp_path):
     blocks = rng.random((len(rows), b, b)).astype(np.float32) * 40 - 3
     blocks[0, :5, :9] = np.nan  # a NaN inside a block stays NaN
     failed = rng.random(len(rows)) < 0.1
-    order = rng.permutation(len(rows))
-    old_arr, new_arr = _level0(tmp_path, H, W, "old.zarr"), _level0(tmp_path, H, W, "new.zarr")
-    old = writers.ChunkAssembler(old_arr, px, py, b)
-    new = MapAssembler(new_arr, px, py, b, blend_window(b, 1))
-    for i in order:
-        old.add(int(i), None if failed[i] else blocks[i])
-        new.add(int(i), None if failed[i] else blocks[i])
-    assert not new.pending and not new.buffers
-    np.testing.assert_array_equal(new_arr[:], old_arr[:])  # bit for bit, NaN where it was NaN
-    assert new.written <= old.written
+    expected = np.full((H, W), np.nan, np.float32)
+    for i in range(len(rows)):
+        if not failed[i]:
+            y0, x0 = py[i], px[i]
+            y1, x1 = min(H, y0 + b), min(W, x0 + b)
+            expected[y0:y1, x0:x1] = blocks[i][: y1 - y0, : x1 - x0]
+    arr = _level0(tmp_path, H, W)
+    asm = MapAssembler(arr, px, py, b, blend_window(b, 1))
+    for i in rng.permutation(len(rows)):
+        asm.add(int(i), None if failed[i] else blocks[i])
+    assert not asm.pending and not asm.buffers  # every chunk was flushed as soon as complete
+    np.testing.assert_array_equal(arr[:], expected)  # bit for bit, NaN where it was NaN
+    ch = writers.CHUNK
+    assert asm.written == {(y // ch, x // ch) for y, x in zip(*np.nonzero(np.isfinite(expected)))}
 
 
 def test_blend_of_constant_windows_matches_the_hann_formula(tmp_path):

@@ -123,6 +123,16 @@ def test_bench_maps_quick(tmp_path, workdir):
         assert 0 < r["tissue_scored"] <= 1 and r["windows"] >= r["grid_tiles"] > 0
 
 
+def test_bench_seams_quick(tmp_path, workdir):
+    res = run_bench("bench_seams", tmp_path, "--workdir", str(workdir), workdir=workdir)
+    rows = res["rows"]
+    assert [r["overlap"] for r in rows] == [0.0, 0.5]
+    for r in rows:
+        assert r["tiles"] > 0 and r["windows"] >= r["tiles"] and r["tiles_per_s"] > 0
+        assert r["seam_inner"] > 0 and r["seam_ratio"] > 0 and 0 < r["scored_fraction"] <= 1
+    assert rows[1]["windows"] > rows[0]["windows"]
+
+
 def test_gpu_check_dry_run(tmp_path, workdir):
     """The GPU check's plan runs end to end at trivial size on the CPU and lands in one JSON with every step."""
     out = tmp_path / "gpu"

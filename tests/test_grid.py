@@ -1,4 +1,4 @@
-"""resolve_mpp, tile grids (coordinates, scales, tissue fractions) and QuPath annotation filtering."""
+"""Tile grids (coordinates, scales, tissue fractions) and QuPath annotation filtering."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from conftest import shared_path
-from wsi_haloae.errors import BadInputError, BadSlideError
+from wsi_haloae.errors import BadInputError
 from wsi_haloae.slide.annotations import load_annotations
-from wsi_haloae.slide.grid import build_grid, resolve_mpp
+from wsi_haloae.slide.grid import build_grid
 from wsi_haloae.slide.reader import SlideReader
 from wsi_haloae.slide.synthetic import GLASS, SyntheticSlideSpec, _inside
 
@@ -24,21 +24,6 @@ def _feature(coords, kind="Polygon", cls=None):
     if cls:
         props["classification"] = {"name": cls, "color": [255, 0, 0]}
     return {"type": "Feature", "geometry": {"type": kind, "coordinates": coords}, "properties": props}
-
-
-def test_resolve_mpp(synthetic_slide, tmp_path):
-    r = SlideReader(synthetic_slide)
-    assert resolve_mpp(r, None) == pytest.approx(0.5)
-    assert resolve_mpp(r, 1.0) == 1.0
-    from PIL import Image
-
-    p = tmp_path / "nompp.png"
-    Image.new("RGB", (300, 300), (200, 100, 150)).save(p)
-    flat = SlideReader(p)
-    with pytest.raises(BadSlideError, match=r"nompp\.png.*--mpp"):
-        resolve_mpp(flat, None)
-    assert resolve_mpp(flat, 0.8) == 0.8
-    assert flat.scale_for(0.8) == 1.0  # no mpp on the slide: level 0 is taken to be at the given mpp
 
 
 @pytest.mark.parametrize("mpp, tile, stride, scale, n", [(0.5, 256, None, 1.0, 8), (1.0, 256, None, 2.0, 4),

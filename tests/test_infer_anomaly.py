@@ -62,9 +62,11 @@ def test_planted_anomaly_scores_higher_there(synthetic_slide, tmp_path):
     assert scores[lab].mean() > 1.3 * scores[~lab].mean()
     assert tile_auc >= 0.85, (tile_auc, scores, frac)
     assert lab[np.argmax(scores)]  # the highest-scoring tile is on the anomaly
-    # pixel level: the map itself is high on the ground-truth mask (map pixel = 4 slide pixels)
+    # pixel level: the map itself is high on the ground-truth mask (map pixel = 4 slide pixels). The map is
+    # NaN off tissue, so this is tissue against tissue: 0.786 measured (0.788 on the tiles with >= 0.5 tissue
+    # alone; >= 0.8 before glass was NaN'd, when the scored tiles' glass counted as easy negatives)
     heat = g["0"][:]
     truth = anomaly_mask(spec, 0, 0, heat.shape[1], heat.shape[0], downsample=4)
     ok = np.isfinite(heat)
     pixel_auc = _auroc(heat[ok], truth[ok])
-    assert pixel_auc >= 0.8, pixel_auc
+    assert pixel_auc >= 0.75, pixel_auc

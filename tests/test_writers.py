@@ -21,52 +21,6 @@ def _random_tiles(rng, n_rows, n_cols, keep=0.6):
     return rows, cols
 
 
-def test_chunk_assembler_matches_direct_paste_in_any_order(tmp_path):
-    rng = np.random.default_rng(0)
-    b = 48  # not a divisor of the chunk: tiles straddle chunk borders
-    rows, cols = _random_tiles(rng, 30, 25)
-    px, py = cols * b + 7, rows * b + 3  # an offset origin, like a slide with bounds
-    H, W = 30 * b + 5, 25 * b - 20  # last column clipped by the map edge
-    blocks = rng.random((len(rows), b, b)).astype(np.float32)
-    failed = rng.random(len(rows)) < 0.1
-
-    expected = np.full((H, W), np.nan, np.float32)
-    for i in range(len(rows)):
-        if failed[i]:
-            continue
-        y0, x0 = py[i], px[i]
-        y1, x1 = min(H, y0 + b), min(W, x0 + b)
-        expected[y0:y1, x0:x1] = blocks[i][: y1 - y0, : x1 - x0]
-
-    g = writers.open_new_store(tmp_path / "s.zarr")
-    arr = writers.create_map_level(g, "0", (H, W))
-    asm = writers.ChunkAssembler(arr, px, py, b)
-    order = rng.permutation(len(rows))
-    for i in order[: len(order) // 2]:
-        asm.add(int(i), None if failed[i] else blocks[i])
-    for i in order[len(order) // 2:]:
-        asm.add(int(i), None if failed[i] else blocks[i])
-    assert not asm.pending and not asm.buffers  # every chunk was flushed as soon as complete
-    np.testing.assert_array_equal(arr[:], expected)
-
-
-def test_assembler_holds_about_one_row_of_chunks_for_row_major_tiles(tmp_path):
-    b = 64
-    n_rows, n_cols = 64, 40
-    rows, cols = np.divmod(np.arange(n_rows * n_cols), n_cols)
-    g = writers.open_new_store(tmp_path / "s.zarr")
-    arr = writers.create_map_level(g, "0", (n_rows * b, n_cols * b))
-    asm = writers.ChunkAssembler(arr, cols * b, rows * b, b)
-    peak = 0
-    blk = np.ones((b, b), np.float32)
-    for i in range(len(rows)):
-        asm.add(i, blk)
-        peak = max(peak, asm.buffered_chunks)
-    chunks_per_row = -(-n_cols * b // writers.CHUNK)
-    assert peak <= chunks_per_row
-    assert np.all(arr[:] == 1)
-
-
 def test_nan_mean_2x2():
     a = np.array([[1, 3, np.nan, 5], [np.nan, np.nan, np.nan, np.nan], [2, 2, 7, np.nan]], np.float32)
     out = writers.nan_mean_2x2(a)

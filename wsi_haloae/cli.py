@@ -150,11 +150,14 @@ def _infer_options(readers: str):
     """
     opts = [
         click.option("--mpp", default=_OPT.mpp, type=click.FloatRange(min=0, min_open=True), help="Target microns per pixel (default: the model's training mpp, else level 0)."),
+        click.option("--magnification", default=_OPT.magnification, help="Target as an objective power instead of --mpp: 20x = 0.5, 40x = 0.25 µm/px (10 / power)."),
+        click.option("--slide-mpp", default=_OPT.slide_mpp, type=click.FloatRange(min=0, min_open=True), help="The scan's level-0 microns per pixel, for slides that do not record it (overrides the file's value)."),
+        click.option("--overlap", default=_OPT.overlap, show_default=True, type=float, help="Scoring windows overlap by this fraction of a tile (0, 0.5, 0.75 or 0.875) and their maps are blended: smoother maps for about 4x / 16x the model work at 0.5 / 0.75."),
         click.option("--batch-size", default=_OPT.batch_size, show_default=True, type=click.IntRange(min=1), help="Tiles per model call (reduced to what fits in memory, with a warning)."),
         click.option(readers, "workers", default=_OPT.workers, show_default=True, type=click.IntRange(min=0), help="Tile-reading processes per slide."),
         click.option("--device", default=_OPT.device, type=DEVICE, show_default=True),
         click.option("--pixel-downsample", default=_OPT.pixel_downsample, show_default=True, type=click.IntRange(min=1), help="Slide pixels per heatmap pixel at level 0 of the map."),
-        click.option("--min-tissue", default=_OPT.min_tissue, show_default=True, type=click.FloatRange(0, 1)),
+        click.option("--min-tissue", default=_OPT.min_tissue, show_default=True, type=click.FloatRange(0, 1), help="Tissue fraction a tile needs to be scored (tiles at the slide's edges count their outside as glass)."),
         click.option("--ngff", default=_OPT.ngff, type=click.Choice(["0.4", "0.5"]), show_default=True, help="OME-NGFF version of the .zarr store: 0.4 on Zarr 2 (QuPath 0.6 reads it) or 0.5 on Zarr 3."),
         click.option("--overwrite", is_flag=True, help="Redo outputs that are already complete."),
     ]
@@ -199,7 +202,7 @@ def infer(slide: Path, model: Path, out: Path, overwrite: bool, **kw) -> None:
     from .config import InferConfig
     from .infer.engine import run_infer
 
-    options = _pop_options(kw)
+    options = _run(_pop_options, kw)  # a bad value is a one-line error, exit 2
     extras = {name: kw.pop(name) for name in OUTPUT_OPTIONS}
     result = _run(run_infer, InferConfig(slide=slide, model=model, out=out, outputs=extras, options=options,
                                          overwrite=overwrite))
@@ -241,7 +244,7 @@ def cohort(job_extra: tuple[str, ...], **kw) -> None:
     from .cohort import run_cohort
     from .config import CohortConfig
 
-    options = _pop_options(kw)
+    options = _run(_pop_options, kw)  # a bad value is a one-line error, exit 2
     extras = tuple(name for name in OUTPUT_OPTIONS if kw.pop(name))
     code = _run(run_cohort, CohortConfig(job_extra=tuple(job_extra), options=options, outputs=extras, **kw))
     sys.exit(code or 0)

@@ -299,6 +299,17 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model for the training steps (meant for CUDA; minutes to compile)
 
 
+#: The overlaps ``--overlap`` accepts: 1 - 1/k, so that a window falls exactly on every grid tile
+#: (``slide.grid.windows_per_tile`` also checks that k divides the model's tile size).
+OVERLAPS = (0.0, 0.5, 0.75, 0.875)
+
+
+def _check_overlap(overlap: float) -> None:
+    if not any(abs(overlap - o) < 1e-9 for o in OVERLAPS):
+        raise BadInputError(f"--overlap {overlap:g}: use one of {', '.join(f'{o:g}' for o in OVERLAPS)} (1 - 1/k, so "
+                            f"that windows fall exactly on every tile)")
+
+
 @dataclass(frozen=True)
 class InferOptions:
     """How a slide is scored: one object shared by ``infer``, ``cohort`` and the cohort worker's task.
@@ -307,12 +318,15 @@ class InferOptions:
     (``cli._infer_options``), and it reaches every slide of a cohort without further code.
     """
 
-    mpp: float | None = None  # target µm/px (None: the model's training mpp, else the slide's level 0)
+    mpp: float | None = None  # target µm/px (None: --magnification, else the model's training mpp, else level 0)
+    magnification: str | None = None  # the target as an objective power ("20x" = 0.5 µm/px; slide.resolution)
+    slide_mpp: float | None = None  # the scan's level-0 µm/px, for slides that do not record it (overrides the file)
+    overlap: float = 0.0  # fraction of a tile by which scoring windows overlap (1 - 1/k: 0, 0.5, 0.75, 0.875)
     batch_size: int = 32  # tiles per model call (reduced, with a warning, to what fits in memory)
     workers: int = 2  # tile-reading processes
     device: str = "auto"
     pixel_downsample: int = 4  # slide pixels (at the target mpp) per heatmap pixel at level 0 of the map
-    min_tissue: float = 0.5  # tissue fraction a tile needs to be scored
+    min_tissue: float = 0.1  # tissue fraction a tile needs to be scored (edge tiles included: any real tissue)
     max_failed_fraction: float = 0.05  # unreadable tissue tiles tolerated before the slide is refused
     progress: bool = True  # a tqdm bar on stderr
     ngff: str = "0.4"  # OME-NGFF version of the store: 0.4 on Zarr 2 (what QuPath 0.6 reads) or 0.5 on Zarr 3
@@ -320,6 +334,11 @@ class InferOptions:
     def __post_init__(self) -> None:
         if self.mpp is not None and not self.mpp > 0:
             raise BadInputError(f"--mpp {self.mpp}: must be positive")
+        if self.mpp is not None and self.magnification is not None:
+            raise BadInputError("give the target resolution as --mpp or as --magnification, not both")
+        if self.slide_mpp is not None and not self.slide_mpp > 0:
+            raise BadInputError(f"--slide-mpp {self.slide_mpp}: must be positive")
+        _check_overlap(self.overlap)
         if self.batch_size < 1:
             raise BadInputError(f"--batch-size {self.batch_size}: must be at least 1")
         if self.workers < 0:
@@ -337,7 +356,8 @@ class InferOptions:
 @dataclass
 class InferConfig:
     """One slide: its model, the store ``out`` and the extra outputs by name (``infer.outputs``: tiff,
-    geojson, preview -> path), how to score it, and whether to redo a complete result."""
+    geojson, preview -> path), how to score it, and whether to redo a complete result. ``slide_id``: the
+    slide's name in titles (the cohort's id; None: from the file name, ``slide.ids.slide_id``)."""
 
     slide: Path
     model: Path
@@ -345,6 +365,7 @@ class InferConfig:
     outputs: dict[str, Path] = field(default_factory=dict)
     options: InferOptions = InferOptions()
     overwrite: bool = False
+    slide_id: str | None = None
 
 
 @dataclass

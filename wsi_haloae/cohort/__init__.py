@@ -17,12 +17,15 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from ..config import CohortConfig
+from ..config import CohortConfig, InferOptions
 from ..errors import BadInputError, BadModelFileError, OutputError
 from .clusters import SLIDE_RESOURCE, job_script, jobqueue_kwargs, local_shape, open_cluster
 from .report import write_reports
 from .slides import SlideEntry, collect_slides
 from .worker import RECORD_DIR, SlideTask, process_slide, record_path, slide_row
+
+#: The status of a slide without tissue (``infer.engine.NO_TISSUE``; not imported from there: it loads torch).
+NO_TISSUE = "no tissue"
 
 __all__ = ["run_cohort", "collect_slides", "SlideEntry", "jobqueue_kwargs", "job_script"]
 
@@ -76,7 +79,10 @@ def _skipped_row(out: Path, e: SlideEntry) -> dict[str, Any]:
     except (OSError, ValueError):
         pass  # complete outputs from a plain `infer` run: no record of where it ran
     try:
-        row.update(slide_row(read_attrs(outputs.cohort_paths(out, e.id, ())[outputs.STORE.name])))
+        attrs = read_attrs(outputs.cohort_paths(out, e.id, ())[outputs.STORE.name])
+        row.update(slide_row(attrs))
+        if attrs.get("status") == NO_TISSUE:
+            row["status"] = NO_TISSUE  # never hidden among the skipped: the slide still has no tissue
     except (OSError, ValueError) as exc:  # a figure we cannot read is not a reason to redo the slide
         log.warning("%s: cannot read figures from its store (%s)", e.id, exc)
     return row
@@ -101,6 +107,14 @@ def _plan(entries: list[SlideEntry], out: Path, cfg: CohortConfig,
         if state == "stale" or cfg.overwrite:
             redo.add(e.id)
     return rows, todo, redo
+
+
+def _check_options(cfg: CohortConfig) -> None:
+    """Options that would fail every slide fail the command instead, before anything runs."""
+    if cfg.options.magnification is not None:
+        from ..slide.resolution import magnification_to_mpp
+
+        magnification_to_mpp(cfg.options.magnification)
 
 
 def _guard(cfg: CohortConfig, entries: list[SlideEntry], out: Path, model: Path) -> None:
@@ -142,7 +156,8 @@ def _print_plan(cfg: CohortConfig, entries: list[SlideEntry], rows: dict[str, di
     names = [BY_NAME[k].cohort_suffix for k in cohort_paths(out, "x", _extras(cfg))]
     print(f"outputs: {out}/" + ", ".join(f"<id>{s}" for s in names) + "; cohort.csv, cohort.json, index.html")
     for e in todo:
-        print(f"  run   {e.id}\t{e.path}" + (f"\tmpp={e.mpp}" if e.mpp else ""))
+        print(f"  run   {e.id}\t{e.path}" + (f"\tmpp={e.mpp}" if e.mpp else "")
+              + (f"\tslide_mpp={e.slide_mpp}" if e.slide_mpp else ""))
     for r in rows.values():
         print(f"  {'skip' if r['status'] == 'skipped' else 'miss'}  {r['id']}\t{r['path']}")
     if cfg.scheduler_address:
@@ -161,11 +176,20 @@ def _print_plan(cfg: CohortConfig, entries: list[SlideEntry], rows: dict[str, di
         print(job_script(cfg, out / RECORD_DIR / "logs"))
 
 
+def slide_options(options: InferOptions, e: SlideEntry) -> InferOptions:
+    """The cohort's options for one slide: a manifest's ``mpp`` replaces ``--mpp``/``--magnification`` and its
+    ``slide_mpp`` replaces ``--slide-mpp``, for that slide only."""
+    if e.mpp is not None:
+        options = replace(options, mpp=e.mpp, magnification=None)
+    if e.slide_mpp is not None:
+        options = replace(options, slide_mpp=e.slide_mpp)
+    return options
+
+
 def _task(e: SlideEntry, cfg: CohortConfig, out: Path, model: Path, sha: str, threads: int,
           overwrite: bool, echo: bool) -> SlideTask:
-    options = cfg.options if e.mpp is None else replace(cfg.options, mpp=e.mpp)  # a manifest's per-slide mpp
     return SlideTask(id=e.id, slide=str(e.path), out_dir=str(out), model=str(model), model_sha256=sha,
-                     options=options, outputs=_extras(cfg), threads=threads, overwrite=overwrite, echo=echo)
+                     options=slide_options(cfg.options, e), outputs=_extras(cfg), threads=threads, overwrite=overwrite, echo=echo)
 
 
 def _future_row(fut, e: SlideEntry, retries: int) -> dict[str, Any]:
@@ -231,6 +255,9 @@ def _run_tasks(cfg: CohortConfig, todo: list[SlideEntry], redo: set[str], rows: 
                     rows[e.id] = row
                     if row["status"] == "failed":
                         bar.write(f"cohort: {e.id} failed: {row['error']}", file=sys.stderr)
+                    elif row["status"] == NO_TISSUE:
+                        bar.write(f"cohort: {e.id}: no tissue found (no tile has >= {cfg.options.min_tissue:g} "
+                                  f"tissue)", file=sys.stderr)
                     bar.update(1)
                 if cl.keeper is not None:
                     lost = cl.keeper.check()
@@ -255,7 +282,7 @@ def _run_tasks(cfg: CohortConfig, todo: list[SlideEntry], redo: set[str], rows: 
 
 
 def run_cohort(cfg: CohortConfig) -> int:
-    """Run a cohort; returns 0 when every slide is done or skipped, 1 when any failed."""
+    """Run a cohort; returns 0 when every slide is done, skipped or has no tissue, 1 when any failed."""
     if cfg.cluster not in ("local", "slurm", "pbs", "sge", "lsf"):
         raise BadInputError(f"--cluster {cfg.cluster!r}: use local, slurm, pbs, sge or lsf")
     if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
@@ -264,6 +291,7 @@ def run_cohort(cfg: CohortConfig) -> int:
         # Dask's INFO chatter (connections, nannies) would bury the progress bar; -vv shows it
         for name in ("distributed", "dask_jobqueue"):
             logging.getLogger(name).setLevel(logging.WARNING)
+    _check_options(cfg)
     entries = collect_slides(cfg.slides)
     out = Path(cfg.out).expanduser().resolve()
     if out.exists() and not out.is_dir():
@@ -297,10 +325,14 @@ def run_cohort(cfg: CohortConfig) -> int:
             _run_tasks(cfg, todo, redo, rows, out, model, sha, len(entries), write)
     finally:
         write()
-    counts = {s: sum(r["status"] == s for r in rows.values()) for s in ("done", "skipped", "failed")}
-    line = (f"cohort: {counts['done']} done, {counts['skipped']} skipped, {counts['failed']} failed of "
-            f"{len(entries)} slides in {time.time() - t0:.1f}s; table {out / 'cohort.csv'}, page {out / 'index.html'}")
+    counts = {s: sum(r["status"] == s for r in rows.values()) for s in ("done", NO_TISSUE, "skipped", "failed")}
+    line = (f"cohort: {counts['done']} done, {counts[NO_TISSUE]} no tissue, {counts['skipped']} skipped, "
+            f"{counts['failed']} failed of {len(entries)} slides in {time.time() - t0:.1f}s; table "
+            f"{out / 'cohort.csv'}, page {out / 'index.html'}")
     _eprint(line)
+    if counts[NO_TISSUE]:
+        _eprint(f"cohort: {counts[NO_TISSUE]} slide(s) with no tissue (status 'no tissue' in {out / 'cohort.csv'}): "
+                f"check them, or lower --min-tissue")
     if counts["failed"]:
         _eprint(f"cohort: {counts['failed']} of {len(entries)} slides failed (see the error column of {out / 'cohort.csv'})")
         return 1

@@ -140,7 +140,7 @@ def _write_record(path: Path, row: dict[str, Any]) -> None:
 
 
 def process_slide(task: SlideTask) -> dict[str, Any]:
-    """Run inference on one slide; always returns the slide's cohort row (status done or failed)."""
+    """Run inference on one slide; always returns the slide's cohort row (status done, no tissue or failed)."""
     t0 = time.perf_counter()
     row: dict[str, Any] = {
         "id": task.id, "path": task.slide, "status": "failed", "error": "",
@@ -165,13 +165,13 @@ def process_slide(task: SlideTask) -> dict[str, Any]:
         loaded = cached_model(task.model, task.model_sha256, device)
         paths = outputs.cohort_paths(Path(task.out_dir), task.id, task.outputs)
         cfg = InferConfig(slide=Path(task.slide), model=Path(task.model), out=paths[outputs.STORE.name],
-                          outputs=outputs.requests(paths), overwrite=task.overwrite,
+                          outputs=outputs.requests(paths), overwrite=task.overwrite, slide_id=task.id,
                           options=replace(opts, device=device, workers=readers, progress=False))
         result = run_infer(cfg, loaded=loaded)
         if task.echo:  # batch jobs: the summary line goes to the job's log, not to the cohort's console
             print(result.line(), file=sys.stderr, flush=True)
         row.update(slide_row({"summary": result.summary}))
-        row["status"] = "done"
+        row["status"] = result.outcome  # "done", or "no tissue": a complete result, neither done nor failed
     except Exception as exc:  # noqa: BLE001 - every failure is this slide's, recorded, never raised
         row["error"] = one_line(exc)
         from ..errors import UserError
@@ -180,6 +180,6 @@ def process_slide(task: SlideTask) -> dict[str, Any]:
             log.error("slide %s failed:\n%s", task.id, traceback.format_exc())
     row["seconds"] = round(time.perf_counter() - t0, 2)
     row["model_loads"] = model_loads()
-    if row["status"] == "done":
+    if row["status"] != "failed":
         _write_record(record_path(Path(task.out_dir), task.id), row)
     return row

@@ -1,8 +1,10 @@
-"""Whole-slide inference: tiles → DataLoader workers → model on the device → writer thread → OUT.zarr.
+"""Whole-slide inference: windows → DataLoader workers → model on the device → writer thread → OUT.zarr.
 
-Three stages overlap. Worker processes read and decode tiles (one slide handle each); the main thread only
-moves batches to the device and runs the model (bf16 autocast + channels_last on CUDA, normalisation on
-the device); a writer thread behind a bounded queue pastes the maps into zarr chunks, so the device never
+The windows are the slide's tiles (edge tiles included, read padded), or with ``--overlap`` the overlapping
+windows around them (``_plan_map``). Three stages overlap. Worker processes read and decode windows (one
+slide handle each); the main thread only moves batches to the device and runs the model (bf16 autocast +
+channels_last on CUDA, normalisation on the device); a writer thread behind a bounded queue blends the maps
+into zarr chunks (``assembler.MapAssembler``, glass NaN'd by ``tissue_map.MapTissue``), so the device never
 waits for compression or disk. Everything lands in a temp store; the extras (``infer.outputs``) are written
 from it under temp names, and all of them are renamed onto their final names together, the store last,
 only after its completion marker is written (see writers.py): a run killed or failing at any point (a full
@@ -35,9 +37,12 @@ from ..config import InferConfig
 from ..errors import BadInputError, BadModelFileError, BadSlideError, OutputError
 from ..fileio import guard_outputs, output_lock, partial_name, publish, remove_path, write_error
 from ..model.device import resolve_device
+from ..slide.ids import slide_id
 from . import batch, outputs, writers
+from .assembler import MapAssembler, blend_window, tile_scores_from_windows
 from .geojson import robust_threshold
 from .outputs import STORE
+from .tissue_map import MapTissue
 
 log = logging.getLogger(__name__)
 
@@ -46,11 +51,13 @@ QUEUE_BATCHES = 8
 
 @dataclass
 class InferResult:
-    """What one ``infer`` run did. ``status``: "done", or "skipped" (a complete store was already there).
+    """What one ``infer`` run did. ``status``: "done", "no tissue" (done, but the slide has no tile with
+    ``--min-tissue`` tissue: a complete, empty result), or "skipped" (a complete store was already there).
 
-    ``outputs``: every file of the slide by kind name (``infer.outputs``); ``written``: on a skip, the
-    extras that were missing and were made from the existing store. ``summary``: the slide's figures as the
-    store records them (attribute ``summary``), the row ``cohort`` shows.
+    ``outcome``: what the store records ("done" or "no tissue"), also on a skip. ``outputs``: every file of
+    the slide by kind name (``infer.outputs``); ``written``: on a skip, the extras that were missing and were
+    made from the existing store. ``summary``: the slide's figures as the store records them (attribute
+    ``summary``), the row ``cohort`` shows. ``windows``: the windows scored (= tiles at overlap 0).
     """
 
     slide: str
@@ -66,6 +73,11 @@ class InferResult:
     outputs: dict[str, str] = field(default_factory=dict)
     written: list[str] = field(default_factory=list)
     summary: dict[str, Any] = field(default_factory=dict)
+    outcome: str = "done"
+    windows: int = 0
+    overlap: float = 0.0
+    min_tissue: float | None = None
+    tissue_scored: float | None = None  # share of the tissue-mask pixels the map scores
 
     @classmethod
     def from_attrs(cls, attrs: dict[str, Any], slide: Path, status: str, seconds: float,
@@ -73,13 +85,17 @@ class InferResult:
         tiles = attrs.get("tiles", {})
         return cls(slide=str(slide), out=str(outputs[STORE.name]), status=status, tiles_grid=tiles.get("grid", 0),
                    tiles_tissue=tiles.get("tissue", 0), tiles_failed=tiles.get("failed", 0), seconds=seconds,
-                   model_seconds=attrs.get("model_seconds", 0.0) if status == "done" else 0.0,
+                   model_seconds=attrs.get("model_seconds", 0.0) if status != "skipped" else 0.0,
                    device=attrs.get("device", ""), mpp=attrs.get("target_mpp"),
-                   outputs={k: str(v) for k, v in outputs.items()}, summary=dict(attrs.get("summary") or {}), **kw)
+                   outputs={k: str(v) for k, v in outputs.items()}, summary=dict(attrs.get("summary") or {}),
+                   outcome=attrs.get("status", "done"), windows=(attrs.get("windows") or {}).get("n", 0),
+                   overlap=attrs.get("overlap", 0.0), min_tissue=attrs.get("min_tissue"),
+                   tissue_scored=(attrs.get("map") or {}).get("scored_fraction"), **kw)
 
     @property
     def tiles_per_s(self) -> float:
-        """End to end: tissue tiles over the whole run (open, grid, read, model, write, pyramid, extras)."""
+        """End to end: tissue (grid) tiles over the whole run (open, grid, read, model, write, pyramid, extras),
+        whatever the overlap: how fast a slide is done."""
         return self.tiles_tissue / self.seconds if self.seconds > 0 else 0.0
 
     @property
@@ -98,10 +114,24 @@ class InferResult:
         outs = ", ".join(self.outputs.values()) or self.out
         if self.status == "skipped":
             made = f" (wrote the missing {', '.join(self.written)})" if self.written else ""
-            return f"{self.slide}: already complete, left alone: {outs} (use --overwrite to redo){made}"
-        return (f"{self.slide}: {self.tiles_tissue} tiles ({self.tiles_failed} unreadable) in {self.seconds:.1f} s, "
-                f"{self.tiles_per_s:.1f} tiles/s end to end, {self.model_tiles_per_s:.1f} tiles/s in the model "
-                f"[{self.device}] -> {outs}")
+            what = " (no tissue)" if self.outcome == NO_TISSUE else ""
+            return f"{self.slide}: already complete{what}, left alone: {outs} (use --overwrite to redo){made}"
+        if self.status == NO_TISSUE:
+            return f"{self.slide}: no tissue ({no_tissue_reason(self.tiles_grid, self.min_tissue)}) -> {outs}"
+        windows = f", {self.windows} windows at overlap {self.overlap:g}" if self.overlap else ""
+        scored = f", {self.tissue_scored:.1%} of the tissue scored" if self.tissue_scored is not None else ""
+        return (f"{self.slide}: {self.tiles_tissue} tiles ({self.tiles_failed} unreadable{windows}{scored}) in "
+                f"{self.seconds:.1f} s, {self.tiles_per_s:.1f} tiles/s end to end, {self.model_tiles_per_s:.1f} "
+                f"tiles/s in the model [{self.device}] -> {outs}")
+
+
+#: ``InferResult.status`` / the store's ``status`` of a slide without a tile of tissue.
+NO_TISSUE = "no tissue"
+
+
+def no_tissue_reason(grid_tiles: int, min_tissue: float | None) -> str:
+    thr = f"{min_tissue:g}" if min_tissue is not None else "--min-tissue"
+    return f"0 of {grid_tiles} grid tiles have >= {thr} tissue"
 
 
 def _now() -> str:
@@ -130,9 +160,9 @@ def _writing(path: Path, what: str) -> Iterator[None]:
 
 
 class _Writer(threading.Thread):
-    """Drains (indices, blocks, ok) batches into the chunk assembler; the first error is kept for the caller."""
+    """Drains (indices, blocks, ok) batches into the map assembler; the first error is kept for the caller."""
 
-    def __init__(self, assembler: writers.ChunkAssembler, out: Path):
+    def __init__(self, assembler: MapAssembler, out: Path):
         super().__init__(name="wsi-haloae-writer", daemon=True)
         self.q: queue.Queue = queue.Queue(maxsize=QUEUE_BATCHES)
         self.asm = assembler
@@ -240,7 +270,6 @@ def _write_extras(ctx: outputs.StoreContext, extras: dict[str, Path], temps: dic
 
 def _run(cfg: InferConfig, paths: dict[str, Path], loaded, t_start: float) -> InferResult:
     from ..model.checkpoint import load_model
-    from ..slide.grid import build_grid, resolve_mpp
     from ..slide.reader import open_slide
 
     opts = cfg.options
@@ -256,15 +285,10 @@ def _run(cfg: InferConfig, paths: dict[str, Path], loaded, t_start: float) -> In
     block = _block_for(mcfg.tile_size, mcfg.fm_size, opts.pixel_downsample)
 
     reader = open_slide(cfg.slide)
-    model_mpp = loaded.metadata.get("mpp")
-    target = resolve_mpp(reader, opts.mpp if opts.mpp is not None else model_mpp)
-    if opts.mpp is None and model_mpp is None:
-        log.info("model records no training mpp: using the slide's level 0 (%s µm/px)", target)
-    grid = build_grid(reader, target, tile_size=mcfg.tile_size, min_tissue=opts.min_tissue)
+    res = _resolution(cfg, reader, loaded.metadata.get("mpp"))
+    plan = _plan_map(reader, res, mcfg.tile_size, opts)
+    grid, win, geom = plan.grid, plan.windows, plan.geom
     n = len(grid)
-    mpp0 = reader.mpp if reader.mpp is not None else target
-    geom = writers.MapGeometry.for_slide(reader.bounds, mpp0, grid.scale, mcfg.tile_size, opts.pixel_downsample)
-    px, py = geom.tile_origins(grid.xs, grid.ys, grid.rows, grid.cols, grid.level0_stride)
 
     tmp = partial_name(out)
     extras = {k: p for k, p in paths.items() if k != STORE.name}
@@ -273,15 +297,21 @@ def _run(cfg: InferConfig, paths: dict[str, Path], loaded, t_start: float) -> In
         with _writing(out, STORE.what):
             group = writers.open_new_store(tmp, ngff=opts.ngff)
             level0 = writers.create_map_level(group, "0", (geom.height, geom.width))
-        assembler = writers.ChunkAssembler(level0, px, py, block)
-        score_mean = np.full(n, np.nan, np.float32)
-        score_max = np.full(n, np.nan, np.float32)
-        ok_all = np.zeros(n, bool)
-        model_s, failed, batch_size = _run_tiles(cfg, loaded, device, grid, target, block, assembler,
-                                                 score_mean, score_max, ok_all, out)
+        assembler = MapAssembler(level0, plan.px, plan.py, block, blend_window(block, win.per_tile),
+                                 finalize=plan.tissue)
+        w_mean = np.full(len(win), np.nan, np.float32)
+        w_max = np.full(len(win), np.nan, np.float32)
+        w_ok = np.zeros(len(win), bool)
+        model_s, w_failed, batch_size = _run_tiles(cfg, loaded, device, grid, win, block, assembler, w_mean, w_max,
+                                                   w_ok, out)
+        # one score per grid tile, its own window's (see assembler.tile_scores_from_windows)
+        score_mean, score_max = tile_scores_from_windows(win.tile_window, w_mean, w_max)
+        ok_all = w_ok[win.tile_window]
+        failed = int(n - ok_all.sum())
         with _writing(out, STORE.what):
             assembler.finish()
-            _write_tables(group, grid, px, py, score_mean, score_max, ok_all)
+            _write_tables(group, grid, plan.px[win.tile_window], plan.py[win.tile_window], score_mean, score_max,
+                          ok_all)
             n_levels = writers.build_pyramid(group, written=assembler.written)
             writers.write_multiscales(group, n_levels, geom.um)
         thr = robust_threshold(score_mean)
@@ -291,6 +321,7 @@ def _run(cfg: InferConfig, paths: dict[str, Path], loaded, t_start: float) -> In
             "format": "wsi-haloae-heatmap",
             "format_version": 1,
             "package_version": __version__,
+            "status": "done" if n else NO_TISSUE,
             "start_time": start_time,
             "model": {
                 "path": str(loaded.path or cfg.model),
@@ -301,6 +332,7 @@ def _run(cfg: InferConfig, paths: dict[str, Path], loaded, t_start: float) -> In
             },
             "slide": {
                 "path": str(Path(cfg.slide).absolute()),
+                "id": cfg.slide_id or slide_id(cfg.slide),
                 "width": reader.dimensions[0],
                 "height": reader.dimensions[1],
                 "mpp": reader.mpp,
@@ -308,7 +340,8 @@ def _run(cfg: InferConfig, paths: dict[str, Path], loaded, t_start: float) -> In
                 "vendor": getattr(reader, "vendor", None),
                 "properties_sha256": reader.properties_sha256,
             },
-            "target_mpp": target,
+            "target_mpp": res.target_mpp,
+            "resolution": _resolution_attrs(res),
             "tile_size": mcfg.tile_size,
             "level0_tile": grid.level0_tile,
             "min_tissue": opts.min_tissue,
@@ -320,9 +353,11 @@ def _run(cfg: InferConfig, paths: dict[str, Path], loaded, t_start: float) -> In
                 "origin_level0": [geom.origin_x, geom.origin_y],
                 "levels": n_levels,
                 "shape": [geom.height, geom.width],
+                **_scored_pixels(plan.tissue),
             },
             "tiles": {"grid": grid.n_grid, "n_rows": grid.n_rows, "n_cols": grid.n_cols, "tissue": n,
                       "failed": failed, "scored": n - failed},
+            **_window_attrs(grid, win, w_failed),
             "threshold": thr,
             "display_range": [0.0, vmax],
             "summary": slide_summary(score_mean, grid.mask, thr["value"], n),
@@ -349,9 +384,74 @@ def _run(cfg: InferConfig, paths: dict[str, Path], loaded, t_start: float) -> In
         for t in temps.values():
             remove_path(t)
 
-    result = InferResult.from_attrs(attrs, cfg.slide, "done", time.perf_counter() - t_start, paths)
+    result = InferResult.from_attrs(attrs, cfg.slide, attrs["status"], time.perf_counter() - t_start, paths)
+    if result.status == NO_TISSUE:
+        log.warning("%s: no tissue found (%s); check the slide or lower --min-tissue", cfg.slide,
+                    no_tissue_reason(grid.n_grid, opts.min_tissue))
     log.debug("%s", result.line())
     return result
+
+
+# ------------------------------------------------------------------------------ resolution and the map's plan
+def _resolution(cfg: InferConfig, reader, model_mpp: float | None):
+    """The one rule set of every command (``slide.resolution``); its warnings are logged here.
+
+    Refuses, before any tile is planned, a slide that records no mpp without ``--slide-mpp`` and a target
+    more than 4x finer than level 0.
+    """
+    from ..slide.resolution import resolve_resolution
+
+    opts = cfg.options
+    res = resolve_resolution(str(cfg.slide), reader.mpp, slide_mpp=opts.slide_mpp, mpp=opts.mpp,
+                             magnification=opts.magnification, model_mpp=model_mpp)
+    for line in res.warnings:
+        log.warning("%s", line)
+    if res.source == "slide":
+        log.info("model records no training mpp: using the slide's level 0 (%s µm/px)", res.target_mpp)
+    return res
+
+
+def _resolution_attrs(res) -> dict[str, Any]:
+    return {"target_mpp": res.target_mpp, "slide_mpp": res.slide_mpp, "source": res.source,
+            "slide_mpp_declared": res.slide_mpp_declared, "warnings": list(res.warnings)}
+
+
+@dataclass
+class MapPlan:
+    """Where everything of one slide's map goes: the grid of tiles (scores, tables, GeoJSON), the windows
+    that are scored (= the tiles at overlap 0), the map's geometry, each window's map-pixel top-left and
+    the tissue mask at map resolution (NaN off tissue, and the scored-pixel count)."""
+
+    grid: Any  # slide.grid.TileGrid
+    windows: Any  # slide.grid.Windows
+    geom: writers.MapGeometry
+    px: np.ndarray
+    py: np.ndarray
+    tissue: MapTissue
+
+
+def _plan_map(reader, res, tile_size: int, opts) -> MapPlan:
+    """Edge tiles included (read padded with the slide's glass), tiles with >= ``min_tissue``, windows at
+    ``overlap``. The map's physical size comes from the resolution's level 0 (the file's or ``--slide-mpp``)."""
+    from ..slide.grid import build_grid, plan_windows
+
+    grid = build_grid(reader, res, tile_size=tile_size, min_tissue=opts.min_tissue, cover_edges=True)
+    win = plan_windows(grid, opts.overlap)
+    geom = writers.MapGeometry.for_slide(reader.bounds, res.slide_mpp, grid.scale, tile_size, opts.pixel_downsample)
+    px, py = geom.window_origins(win.rows, win.cols, win.per_tile)
+    return MapPlan(grid, win, geom, px, py, MapTissue(grid.mask, grid.mask_downsample, geom))
+
+
+def _scored_pixels(tissue: MapTissue) -> dict[str, Any]:
+    """How much of the tissue the level-0 map scores: finite map pixels over tissue-mask pixels at map resolution."""
+    total = tissue.pixels()
+    return {"tissue_pixels": total, "scored_pixels": tissue.scored,
+            "scored_fraction": round(tissue.scored / total, 6) if total else None}
+
+
+def _window_attrs(grid, win, failed: int) -> dict[str, Any]:
+    return {"overlap": win.overlap, "windows": {"n": len(win), "per_tile": win.per_tile, "failed": failed},
+            "cover_edges": grid.cover_edges, "background": list(grid.background)}
 
 
 def slide_summary(score_mean: np.ndarray, mask: np.ndarray, threshold: float | None, tiles: int) -> dict[str, Any]:
@@ -410,18 +510,20 @@ def _batch_size(cfg: InferConfig, model, mean_map: torch.Tensor, device: torch.d
                                 batch.available_device_bytes(device))
 
 
-def _run_tiles(cfg: InferConfig, loaded, device: torch.device, grid, target: float, block: int,
-               assembler: writers.ChunkAssembler, score_mean: np.ndarray, score_max: np.ndarray,
+def _run_tiles(cfg: InferConfig, loaded, device: torch.device, grid, win, block: int,
+               assembler: MapAssembler, score_mean: np.ndarray, score_max: np.ndarray,
                ok_all: np.ndarray, out: Path) -> tuple[float, int, int]:
-    """The hot loop. Returns (synchronised model seconds, unreadable tile count, batch size used)."""
+    """The hot loop over the windows ``win`` (the grid's tiles at overlap 0); the arrays are per window.
+    Returns (synchronised model seconds, unreadable window count, batch size used)."""
     from tqdm import tqdm
 
     from .dataset import TileDataset, make_loader
 
-    n = len(grid)
+    n = len(win)
     opts = cfg.options
     if n == 0:
         return 0.0, 0, opts.batch_size
+    unit = "tile" if win.per_tile == 1 else "window"
     mcfg = loaded.model.config
     cuda = device.type == "cuda"
     # channels_last on every device: cuDNN's and oneDNN's fast convolution layout (+30-60 % tiles per CPU
@@ -436,13 +538,13 @@ def _run_tiles(cfg: InferConfig, loaded, device: torch.device, grid, target: flo
     batch_size = _batch_size(cfg, loaded.model, mean_map, device, n, block, workers)
     workers = min(workers, (n - 1) // batch_size)  # a slide of one batch is read faster in-process
     max_failed = int(math.floor(opts.max_failed_fraction * n))
-    ds = TileDataset(cfg.slide, grid.xs, grid.ys, mcfg.tile_size, target)
+    ds = TileDataset(cfg.slide, win.xs, win.ys, mcfg.tile_size, None, scale=grid.scale, fill=grid.background)
     loader = make_loader(ds, batch_size, workers, pin_memory=cuda)
     writer = _Writer(assembler, out)
     writer.start()
     model_s = 0.0
     failed = 0
-    bar = tqdm(total=n, unit="tile", desc=Path(cfg.slide).name, disable=not opts.progress, file=sys.stderr,
+    bar = tqdm(total=n, unit=unit, desc=Path(cfg.slide).name, disable=not opts.progress, file=sys.stderr,
                dynamic_ncols=True, smoothing=0.1)
     try:
         with torch.inference_mode():
@@ -454,7 +556,7 @@ def _run_tiles(cfg: InferConfig, loaded, device: torch.device, grid, target: flo
                     failed += nbad
                     if failed > max_failed:
                         raise BadSlideError(
-                            f"slide {cfg.slide}: {failed} of {n} tissue tiles could not be read (more than "
+                            f"slide {cfg.slide}: {failed} of {n} tissue {unit}s could not be read (more than "
                             f"{opts.max_failed_fraction:.0%}); the file looks truncated or corrupt"
                         )
                 x = tiles.to(device, non_blocking=True)

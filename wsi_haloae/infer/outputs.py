@@ -111,12 +111,28 @@ def _tiff_rgb(ctx: StoreContext, path: Path) -> None:
     write_ome_tiff(ctx.levels(), ctx.attrs["map"]["um_per_px"], path, rgb=True, vmin=vmin, vmax=vmax)
 
 
+def _tile_boxes(ctx: StoreContext) -> "np.ndarray":
+    """(N, 4) level-0 x0, y0, x1, y1 of the grid tiles, clipped to the slide's bounds region: an edge tile
+    read padded covers only the slide's own pixels (its score is still the whole padded tile's)."""
+    import numpy as np
+
+    a = ctx.attrs
+    xy = ctx.group["tiles"]["xy"][:].astype(np.float64).reshape(-1, 2)
+    t = float(a["level0_tile"])
+    bx, by, bw, bh = a["slide"]["bounds"]
+    boxes = np.concatenate([xy, xy + t], axis=1)
+    boxes[:, [0, 2]] = boxes[:, [0, 2]].clip(bx, bx + bw)
+    boxes[:, [1, 3]] = boxes[:, [1, 3]].clip(by, by + bh)
+    return boxes
+
+
 def _geojson(ctx: StoreContext, path: Path) -> None:
     from .geojson import write_geojson
 
     a, t = ctx.attrs, ctx.group["tiles"]
-    xy, rc = t["xy"][:], t["rc"][:]
-    write_geojson(path, xy[:, 0], xy[:, 1], a["level0_tile"], a["level0_tile"], t["score_mean"][:],
+    rc = t["rc"][:].reshape(-1, 2)
+    b = _tile_boxes(ctx)
+    write_geojson(path, b[:, 0], b[:, 1], b[:, 2] - b[:, 0], b[:, 3] - b[:, 1], t["score_mean"][:],
                   t["score_max"][:], threshold=a["threshold"]["value"], offset=tuple(a["geojson"]["offset"]),
                   rows=rc[:, 0], cols=rc[:, 1], seed=f"{a['slide']['properties_sha256']}:{a['model']['sha256']}")
 
@@ -130,7 +146,15 @@ def _preview_level(levels: list, min_side: float) -> int:
     return best
 
 
+def _preview_subtitle(a: dict[str, Any]) -> str:
+    """The line under the preview's title (the calibration's verdict will go here)."""
+    if a.get("status") == "no tissue":
+        return f"no tissue found: 0 of {a['tiles']['grid']} grid tiles have >= {a['min_tissue']:g} tissue"
+    return ""
+
+
 def _preview(ctx: StoreContext, path: Path) -> None:
+    from ..slide.ids import slide_id
     from .preview import write_preview
 
     a, levels = ctx.attrs, ctx.levels()
@@ -143,8 +167,12 @@ def _preview(ctx: StoreContext, path: Path) -> None:
     ox, oy = a["map"]["origin_level0"]
     hh, hw = heat.shape
     vmin, vmax = a["display_range"]
+    # Anomalous = the GeoJSON's rule (above the slide's threshold); the one place the preview decides it
+    scores, thr = ctx.group["tiles"]["score_mean"][:], a["threshold"]["value"]
+    anomalous = scores > thr if thr is not None else None
     write_preview(path, thumb, (W, H), heat[:], (ox, oy, ox + hw * s, oy + hh * s), vmin=vmin, vmax=vmax,
-                  title=f"{Path(str(ctx.slide)).name}: anomaly score")
+                  title=a["slide"].get("id") or slide_id(ctx.slide), subtitle=_preview_subtitle(a),
+                  tile_boxes=_tile_boxes(ctx), anomalous=anomalous)
 
 
 # ------------------------------------------------------------------------------------------------ the table

@@ -10,6 +10,8 @@ memory never holds more than a chunk of it.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from .writers import MapGeometry
@@ -22,6 +24,8 @@ class MapTissue:
         self.mask = np.asarray(mask, dtype=bool)
         self.downsample = float(downsample)
         self.geom = geom
+        #: scored map pixels (finite after NaN-ing glass) in the chunks passed through ``__call__`` so far
+        self.scored = 0
 
     def _index(self, start: int, n: int, origin: float, size: int) -> tuple[np.ndarray, np.ndarray]:
         centres = origin + (start + np.arange(n, dtype=np.float64) + 0.5) * self.geom.slide_px
@@ -42,12 +46,27 @@ class MapTissue:
         """``chunk`` (map pixels from (y0, x0)) with every pixel off tissue set to NaN (in place; returned)."""
         h, w = chunk.shape
         chunk[~self.block(y0, x0, h, w)] = np.nan
+        self.scored += int(np.isfinite(chunk).sum())
         return chunk
 
     def pixels(self) -> int:
-        """Tissue pixels on the whole map, counted one chunk row at a time (what a fully scored map would hold)."""
+        """Tissue pixels on the whole map (what a fully scored map would hold), counted one band of rows at a
+        time and only over the mask's tissue rows and columns, so a mostly-glass slide costs little."""
+        rows, cols = np.flatnonzero(self.mask.any(axis=1)), np.flatnonzero(self.mask.any(axis=0))
+        if rows.size == 0:
+            return 0
+        g, ds = self.geom, self.downsample
+
+        def span(lo: int, hi: int, origin: float, size: int) -> tuple[int, int]:
+            # map pixels whose centre falls on mask pixels lo..hi (inclusive), clipped to the map
+            a = math.floor((lo * ds - origin) / g.slide_px - 0.5)
+            b = math.ceil(((hi + 1) * ds - origin) / g.slide_px - 0.5)
+            return max(0, a), min(size, b + 1)
+
+        y_lo, y_hi = span(int(rows[0]), int(rows[-1]), g.origin_y, g.height)
+        x_lo, x_hi = span(int(cols[0]), int(cols[-1]), g.origin_x, g.width)
         n = 0
         step = 512
-        for y0 in range(0, self.geom.height, step):
-            n += int(self.block(y0, 0, min(step, self.geom.height - y0), self.geom.width).sum())
+        for y0 in range(y_lo, y_hi, step):
+            n += int(self.block(y0, x_lo, min(step, y_hi - y0), max(0, x_hi - x_lo)).sum())
         return n

@@ -9,10 +9,11 @@ Why it looks like this:
   lock) and renamed onto the final name only after the completion marker is in it, together with the
   slide's other outputs (``fileio.publish``): a killed run never leaves something that looks finished under
   a final name, and a rerun simply deletes the leftover temp directory and starts again.
-- Level 0 of the map is assembled chunk by chunk: tiles arrive in any order, each is pasted into an
-  in-memory buffer of the 512x512 chunk(s) it covers, and a chunk is written (once, without reading it
-  back) as soon as every tile that touches it has arrived. Only chunks with pending tiles are held, which
-  for a row-major grid is about one row of chunks: memory follows the slide's width, never its area.
+- Level 0 of the map is assembled chunk by chunk (``assembler.MapAssembler``): windows arrive in any
+  order, each is blended into in-memory buffers of the 512x512 chunk(s) it covers, and a chunk is written
+  (once, without reading it back) as soon as every window that touches it has arrived. Only chunks with
+  pending windows are held, which for a row-major grid is one or two rows of chunks: memory follows the
+  slide's width, never its area.
 - Lower levels are computed after the tiles are done, chunk by chunk from the level above (NaN-aware 2x2
   mean), so background stays NaN all the way down.
 
@@ -105,25 +106,13 @@ class MapGeometry:
             block=tile_size // pixel_downsample,
         )
 
-    def tile_origins(self, xs: np.ndarray, ys: np.ndarray, rows: np.ndarray, cols: np.ndarray,
-                     level0_stride: float) -> tuple[np.ndarray, np.ndarray]:
-        """Map-pixel top-left of each tile.
-
-        From the grid's row/column (not by rounding each level-0 coordinate), so neighbouring tiles abut
-        exactly even when the level-0 tile size is fractional.
-        """
-        if len(xs) == 0:
-            return np.zeros(0, np.int64), np.zeros(0, np.int64)
-        gx = float(xs[0]) - float(cols[0]) * level0_stride - self.origin_x
-        gy = float(ys[0]) - float(rows[0]) * level0_stride - self.origin_y
-        ox, oy = int(round(gx / self.slide_px)), int(round(gy / self.slide_px))
-        return cols.astype(np.int64) * self.block + ox, rows.astype(np.int64) * self.block + oy
-
     def window_origins(self, rows: np.ndarray, cols: np.ndarray, per_tile: int) -> tuple[np.ndarray, np.ndarray]:
         """Map-pixel top-left of windows (``slide.grid.Windows``): ``per_tile`` windows per tile side.
 
         The window grid starts at the map's origin (both are the bounds' top-left), and a window step is
-        ``block / per_tile`` map px, which must be whole so that windows land on map pixels exactly.
+        ``block / per_tile`` map px, which must be whole so that windows land on map pixels exactly. From the
+        grid's row/column (not by rounding each level-0 coordinate), so neighbouring windows abut exactly even
+        when the level-0 tile size is fractional.
         """
         if self.block % per_tile:
             raise BadInputError(f"{per_tile} overlapping windows per tile do not fit the map's {self.block} px per "
@@ -184,81 +173,6 @@ def create_array(group, name: str, *, shape: tuple[int, ...] | None = None, data
 def create_map_level(group, name: str, shape: tuple[int, int]):
     return create_array(group, name, shape=shape, chunks=(CHUNK, CHUNK), dtype="f4", fill_value=np.nan,
                         dimension_names=("y", "x"))
-
-
-class ChunkAssembler:
-    """Pastes tile blocks into level 0 and writes each chunk once, when all its tiles have arrived.
-
-    ``add(i, block)`` with ``block=None`` marks tile ``i`` as done without data (a tile that failed to read:
-    it stays NaN).
-    """
-
-    def __init__(self, array, px: np.ndarray, py: np.ndarray, block: int):
-        self.array = array
-        self.h, self.w = array.shape
-        self.ch, self.cw = array.chunks
-        self.px, self.py, self.b = px, py, block
-        self.pending: dict[tuple[int, int], int] = {}
-        self.buffers: dict[tuple[int, int], np.ndarray] = {}
-        self.done = np.zeros(len(px), dtype=bool)
-        #: chunks that hold data (all others are absent = NaN): lets the pyramid skip empty regions unread
-        self.written: set[tuple[int, int]] = set()
-        for i in range(len(px)):
-            for key in self._chunks_of(i):
-                self.pending[key] = self.pending.get(key, 0) + 1
-
-    def _rect(self, i: int) -> tuple[int, int, int, int]:
-        x0, y0 = int(self.px[i]), int(self.py[i])
-        return max(0, x0), max(0, y0), min(self.w, x0 + self.b), min(self.h, y0 + self.b)
-
-    def _chunks_of(self, i: int):
-        x0, y0, x1, y1 = self._rect(i)
-        if x1 <= x0 or y1 <= y0:
-            return
-        for cy in range(y0 // self.ch, (y1 - 1) // self.ch + 1):
-            for cx in range(x0 // self.cw, (x1 - 1) // self.cw + 1):
-                yield cy, cx
-
-    def add(self, i: int, block: np.ndarray | None) -> None:
-        if self.done[i]:
-            return
-        self.done[i] = True
-        x0, y0, x1, y1 = self._rect(i)
-        for key in list(self._chunks_of(i)):
-            cy, cx = key
-            if block is not None:
-                buf = self.buffers.get(key)
-                if buf is None:
-                    buf = self.buffers[key] = np.full((self.ch, self.cw), np.nan, dtype=np.float32)
-                ys0, xs0 = cy * self.ch, cx * self.cw
-                # intersection of the tile rect with this chunk
-                ax0, ay0 = max(x0, xs0), max(y0, ys0)
-                ax1, ay1 = min(x1, xs0 + self.cw), min(y1, ys0 + self.ch)
-                tx, ty = int(self.px[i]), int(self.py[i])
-                buf[ay0 - ys0:ay1 - ys0, ax0 - xs0:ax1 - xs0] = block[ay0 - ty:ay1 - ty, ax0 - tx:ax1 - tx]
-            self.pending[key] -= 1
-            if self.pending[key] == 0:
-                self._flush(key)
-
-    def _flush(self, key: tuple[int, int]) -> None:
-        del self.pending[key]
-        buf = self.buffers.pop(key, None)
-        if buf is None:  # every tile here failed: the chunk stays absent (= fill value NaN)
-            return
-        self.written.add(key)
-        cy, cx = key
-        y0, x0 = cy * self.ch, cx * self.cw
-        y1, x1 = min(self.h, y0 + self.ch), min(self.w, x0 + self.cw)
-        self.array[y0:y1, x0:x1] = buf[: y1 - y0, : x1 - x0]
-
-    def finish(self) -> None:
-        """Write whatever is still buffered (only when some tiles were never delivered)."""
-        for key in list(self.pending):
-            self._flush(key)
-
-    @property
-    def buffered_chunks(self) -> int:
-        return len(self.buffers)
 
 
 def nan_mean_2x2(a: np.ndarray) -> np.ndarray:

@@ -29,27 +29,6 @@ WHITE = (255, 255, 255)
 MIN_GLASS_PIXELS = 64
 
 
-def resolve_mpp(reader: SlideReader, mpp: float | None) -> float:
-    """The target microns per pixel: ``mpp`` when given, else the slide's level 0.
-
-    Superseded by ``resolution.resolve_resolution`` (one rule set for every command); ``infer`` still calls
-    this until the round-2 integration moves it over.
-
-    A slide without mpp and no ``mpp`` given is refused. A slide without mpp read *with* an ``mpp`` is taken
-    to be at that mpp at level 0 (no resampling): the user is telling us the scan resolution.
-    """
-    if mpp is not None:
-        if not (mpp > 0 and math.isfinite(mpp)):
-            raise BadInputError(f"--mpp must be a positive number, got {mpp}")
-        return float(mpp)
-    if reader.mpp is None:
-        raise BadSlideError(
-            f"slide {reader.path} does not record its resolution (no openslide.mpp-x/-y); "
-            f"give the microns per pixel with --mpp"
-        )
-    return float(reader.mpp)
-
-
 @dataclass
 class TileGrid:
     """Kept tiles (arrays, one entry per tile) and the full grid's geometry.
@@ -153,7 +132,9 @@ def build_grid(
     """Tiles of ``tile_size`` target px every ``stride`` px whose tissue fraction is ≥ ``min_tissue``.
 
     ``mpp``: a ``Resolution`` (``resolution.resolve_resolution``: the one rule set, ``--slide-mpp``
-    included), or a target µm/px under the older ``resolve_mpp`` rule. ``annotations`` (a QuPath GeoJSON
+    included; what the commands pass), or a target µm/px (None: level 0) on a slide that records its own
+    level-0 mpp; a slide that records none is then read as if level 0 were at the target (geometry for tests
+    and benchmarks; the commands refuse such slides unless ``--slide-mpp`` is given). ``annotations`` (a QuPath GeoJSON
     path, or a shapely geometry in level-0 px) further keeps only tiles whose centre lies inside a polygon
     (holes excluded); ``class_name`` filters the GeoJSON by class. ``cover_edges``: see the module docstring.
     """
@@ -164,13 +145,9 @@ def build_grid(
         raise BadInputError(f"stride must be positive, got {stride}")
     if not 0 <= min_tissue <= 1:
         raise BadInputError(f"--min-tissue must be in [0, 1], got {min_tissue}")
-    if isinstance(mpp, Resolution):
-        target, level0_mpp = mpp.target_mpp, mpp.slide_mpp
-        scale = reader.scale_for(target, level0_mpp)
-    else:
-        target = resolve_mpp(reader, mpp)
-        level0_mpp = reader.mpp or target  # no slide mpp: level 0 is taken to be at the target
-        scale = reader.scale_for(target)
+    res = mpp if isinstance(mpp, Resolution) else _plain_resolution(reader, mpp)
+    target, level0_mpp = res.target_mpp, res.slide_mpp
+    scale = reader.scale_for(target, level0_mpp)
     t0, s0 = tile_size * scale, stride * scale
     bx, by, bw, bh = reader.bounds
     n_cols = _cells(bw, t0, s0, cover_edges)
@@ -198,8 +175,20 @@ def build_grid(
         level0_tile=float(t0), level0_stride=float(s0), origin=(bx, by),
         fractions=frac.reshape(n_rows, n_cols), mask=mask, mask_downsample=tm.downsample, lowres=tm.image,
         min_tissue=float(min_tissue), cover_edges=cover_edges, background=glass_colour(tm.image[box], mask[box]),
-        slide_mpp=reader.mpp if not isinstance(mpp, Resolution) else level0_mpp,
+        slide_mpp=level0_mpp,
     )
+
+
+def _plain_resolution(reader: SlideReader, mpp: float | None) -> Resolution:
+    """A bare target µm/px as a ``Resolution`` (see ``build_grid``): level 0 is the file's, else the target."""
+    if mpp is not None and not (math.isfinite(mpp) and mpp > 0):
+        raise BadInputError(f"--mpp must be a positive number, got {mpp}")
+    level0 = reader.mpp
+    if mpp is None and level0 is None:
+        raise BadSlideError(f"slide {reader.path} does not record its resolution (no openslide.mpp-x/-y); declare "
+                            f"the scan's level-0 microns per pixel with --slide-mpp")
+    target = float(mpp if mpp is not None else level0)
+    return Resolution(target_mpp=target, slide_mpp=float(level0 if level0 is not None else target), source="--mpp")
 
 
 def windows_per_tile(overlap: float, tile_size: int) -> int:
