@@ -100,6 +100,62 @@ def test_resume_continues_to_the_same_weights(tiles, trained, tmp_path, monkeypa
     assert [m["loss"] for m in metrics_part] == [m["loss"] for m in metrics_full]
 
 
+def test_resume_from_inside_an_epoch_is_bit_identical(tiles, tmp_path, monkeypatch):
+    """Timed checkpoints (here after every step) let a run stopped in the middle of an epoch continue to exactly
+    the weights, BatchNorm statistics and metrics of an uninterrupted run."""
+    kw = dict(epochs=2, samples_per_epoch=3, checkpoint_minutes=0)
+    full = tmp_path / "full" / "model.safetensors"
+    trainer.run_train(_cfg(tiles, full, **kw))
+
+    part = tmp_path / "part" / "model.safetensors"
+    real_write = trainer._write_resume
+    written = []
+
+    def write_then_stop(path, model, opt, info):
+        real_write(path, model, opt, info)
+        written.append(dict(info))
+        if info["step"] == 2:  # epoch 0, after its second of three batches
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer, "_write_resume", write_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.run_train(_cfg(tiles, part, **kw))
+    monkeypatch.setattr(trainer, "_write_resume", real_write)
+    assert [(w["epoch"], w["batch"], w["step"]) for w in written] == [(0, 1, 1), (0, 2, 2)]
+    assert not part.exists()
+
+    trainer.run_train(_cfg(tiles, part, resume=True, **kw))
+    a, b = _tensors(full), _tensors(part)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    lines = lambda p: [json.loads(x) for x in p.with_name("model.metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    assert [(m["epoch"], m["step"], m["loss"], m["loss_fm"]) for m in lines(part)] == [
+        (m["epoch"], m["step"], m["loss"], m["loss_fm"]) for m in lines(full)
+    ]
+
+
+def test_cpu_duration_estimate_and_warning(caplog):
+    """The paper schedule on a CPU is announced with its duration and the ways out; a short tiny run is not."""
+    from wsi_haloae.config import ModelConfig
+    from wsi_haloae.train.estimate import train_step_flops, warn_if_long_on_cpu
+
+    cpu = torch.device("cpu")
+    with caplog.at_level(logging.INFO, logger="wsi_haloae.train.estimate"):
+        low, high = warn_if_long_on_cpu(ModelConfig.preset("paper"), 4, 187_500, cpu)
+    assert 30 * 86400 < low <= high  # months on any CPU: 187,500 steps of ~4.7 TFLOP
+    (rec,) = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert "187,500 steps" in rec.getMessage() and "--device cuda" in rec.getMessage() and "--preset tiny" in rec.getMessage()
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="wsi_haloae.train.estimate"):
+        warn_if_long_on_cpu(ModelConfig.preset("tiny"), 1, 10, cpu)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert "estimated duration on this CPU" in caplog.text
+    assert warn_if_long_on_cpu(ModelConfig.preset("tiny"), 1, 10, torch.device("meta")) is None  # not a CPU
+    # a step of the paper preset: forward + backward of 12 images, ~395 GFLOP each (VGG 29 of them)
+    assert 4.0e12 < train_step_flops(ModelConfig.preset("paper"), 4) < 5.5e12
+
+
 def test_model_metadata(tiles, trained):
     from wsi_haloae.model import load_model
     from wsi_haloae.train.data import load_tiles, stack_tiles

@@ -60,6 +60,8 @@ def info(preset: str, model_path: Path | None) -> None:
 @click.option("--workers", default=2, show_default=True, type=click.IntRange(min=0))
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its resume file.")
+@click.option("--checkpoint-minutes", default=10.0, show_default=True, type=click.FloatRange(min=0),
+              help="Write the resume file this often (and at every epoch end); 0: after every step.")
 def train(**kw) -> None:
     """Train HaloAE on normal tiles."""
     from .config import TrainConfig

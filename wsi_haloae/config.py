@@ -27,6 +27,10 @@ VGG19_TAPS: dict[str, tuple[int, int]] = {
 }
 
 
+#: Allowed values of ``ModelConfig.attention``.
+ATTENTION_MODES = ("halo", "authors-mask")
+
+
 @dataclass(frozen=True)
 class StageConfig:
     """One HaloNet block: output width, kernel size of its k×k conv, attention heads."""
@@ -53,6 +57,9 @@ class ModelConfig:
     tile_size: int = 256
     fm_size: int = 64
     upsample: str = "depthwise"  # how the decoder goes 60 -> 64: "depthwise" (5x5 transposed) or "bilinear"
+    #: "halo": real halo attention (HaloNet, the paper's text); "authors-mask": what the authors' code computes
+    #: with its inverted mask (windowed average pooling of v; see docs/model-card.md), to reproduce their numbers
+    attention: str = "halo"
     description: str = ""
 
     @property
@@ -127,6 +134,7 @@ class TrainConfig:
     weight_decay: float = 1e-5
     jitter: float = 0.1
     max_steps: int | None = None  # testing aid: stop after this many optimizer steps (in total)
+    checkpoint_minutes: float = 10.0  # a resume file this often (and at every epoch end); 0: after every step
 
 
 @dataclass

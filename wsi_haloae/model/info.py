@@ -45,6 +45,7 @@ def describe(cfg: ModelConfig) -> dict:
         "fm_channels": cfg.fm_channels,
         "fm_size": cfg.fm_size,
         "bottleneck": [cfg.encoder[-1].width, inner, inner],
+        "attention": cfg.attention,
         "parameters": counts,
         "flops_per_tile": count_flops(cfg),
     }
@@ -81,6 +82,8 @@ def run_info(preset: str = "paper", model_path: Path | None = None) -> dict:
         f"taps:              {', '.join(d['taps'])}  (frozen VGG19 features[:{d['vgg_layers']}], {_fmt(p['frozen_backbone'])} parameters, not counted below)",
         f"fm channels:       {d['fm_channels']} x {d['fm_size']} x {d['fm_size']}",
         f"bottleneck:        {' x '.join(map(str, d['bottleneck']))}",
+        f"attention:         {d['attention']}"
+        + ("  (the authors' inverted mask: windowed average pooling of v, not attention)" if d["attention"] == "authors-mask" else ""),
         f"trainable params:  {_fmt(p['total_trainable'])}",
         f"  auto-encoder:    {_fmt(p['autoencoder'])}  (inference path)",
         f"  image decoder:   {_fmt(p['image_reconstructor'])}  (training only)",

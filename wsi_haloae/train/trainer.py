@@ -5,8 +5,9 @@ One step sees B originals plus their Cut&Paste "normal" and "scar" versions (3B 
 SSIM)(normalised image, reconstruction), the last two on the originals only; (α1, α2, α3) follow the EWS.
 
 Reproducibility: data order and augmentation are functions of (seed, epoch, sample index), the model is built
-under ``torch.manual_seed(seed)``, and at every epoch end a resume file (model, optimizer state, RNG states,
-epoch) is written atomically, so ``--resume`` continues an interrupted run to the same weights.
+under ``torch.manual_seed(seed)``, and every ``checkpoint_minutes`` and at every epoch end a resume file
+(model, optimizer state, RNG states, epoch and batch within it, the epoch's running loss sums) is written
+atomically, so ``--resume`` continues an interrupted run, even from the middle of an epoch, to the same weights.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import os
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +33,7 @@ from ..config import TrainConfig
 from ..errors import BadInputError, OutputError
 from ..fileio import atomic_output, write_text_atomic
 from .data import CutPasteDataset, EpochSampler, PlainTiles, TileSet, load_tiles, training_mpp
+from .estimate import StepClock, warn_if_long_on_cpu
 from .ews import weights_for
 from .losses import reconstruction_loss
 from ..model.device import resolve_device
@@ -135,16 +137,23 @@ def _train_one_epoch(
     device: torch.device,
     bar: tqdm,
     step: int,
+    start: int = 0,
+    partial: tuple[dict[str, float], int] | None = None,
+    on_step: Callable[[int, int, int, dict[str, float], int], None] | None = None,
 ) -> tuple[dict[str, float], int, bool]:
-    """One epoch; returns (mean losses and accuracy, global step, stopped early by max_steps)."""
-    sampler.set_epoch(epoch)
-    steps_per_epoch = len(loader)
+    """One epoch, or its rest from batch ``start`` (a resumed run, with the loss sums so far in ``partial``);
+    returns (mean losses and accuracy, global step, stopped early by max_steps). ``on_step(epoch, batches done
+    in the epoch, step, sums, n)`` runs after every optimizer step (the timed checkpoints)."""
+    sampler.set_epoch(epoch, start * cfg.batch_size)
+    steps_per_epoch = math.ceil(cfg.samples_per_epoch / cfg.batch_size)
     sums = {"loss": 0.0, "loss_cls": 0.0, "loss_fm": 0.0, "loss_im": 0.0, "cls_acc": 0.0}
     n = 0
-    alphas = weights_for(epoch, cfg.epochs)
+    if partial is not None:
+        sums, n = dict(partial[0]), int(partial[1])
+    alphas = weights_for(epoch + start / steps_per_epoch, cfg.epochs)
     cuda = device.type == "cuda"
     model.train()
-    for i, (orig, normal, scar) in enumerate(loader):
+    for i, (orig, normal, scar) in enumerate(loader, start=start):
         if cfg.max_steps is not None and step >= cfg.max_steps:
             return _means(sums, n, alphas), step, True
         alphas = weights_for(epoch + i / steps_per_epoch, cfg.epochs)
@@ -176,6 +185,8 @@ def _train_one_epoch(
             f"α {alphas[0]:.2f}/{alphas[1]:.2f}/{alphas[2]:.2f}",
             refresh=False,
         )
+        if on_step is not None:
+            on_step(epoch, i + 1, step, sums, n)
     return _means(sums, n, alphas), step, False
 
 
@@ -234,7 +245,7 @@ def run_train(cfg: TrainConfig) -> Path:
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
-    start_epoch, step, elapsed_before = 0, 0, 0.0
+    start_epoch, start_batch, partial, step, elapsed_before = 0, 0, None, 0, 0.0
     if cfg.resume:
         tensors, meta = _read_resume(resume_path)
         diffs = [f"{k}: {meta['config'].get(k)!r} → {v!r}" for k, v in fingerprint.items() if meta["config"].get(k) != v]
@@ -242,7 +253,10 @@ def run_train(cfg: TrainConfig) -> Path:
             raise BadInputError(f"{resume_path}: written for a different configuration ({'; '.join(diffs)}); use the same options or start without --resume")
         _restore(tensors, meta, model, opt, resume_path)
         start_epoch, step, elapsed_before = int(meta["epoch"]), int(meta["step"]), float(meta.get("wall_time_s", 0.0))
-        log.info("resuming %s at epoch %d/%d (step %d)", resume_path, start_epoch + 1, cfg.epochs, step)
+        start_batch = int(meta.get("batch", 0))  # > 0: written inside an epoch by a timed checkpoint
+        if start_batch:
+            partial = (meta["sums"], int(meta["n"]))
+        log.info("resuming %s at epoch %d/%d, batch %d (step %d)", resume_path, start_epoch + 1, cfg.epochs, start_batch, step)
         del tensors
     elif resume_path.exists():
         log.warning("%s exists from an earlier run; starting afresh (pass --resume to continue it)", resume_path)
@@ -259,20 +273,41 @@ def run_train(cfg: TrainConfig) -> Path:
         persistent_workers=cfg.workers > 0,
         prefetch_factor=4 if cfg.workers > 0 else None,
     )
-    steps_per_epoch = len(loader)
+    steps_per_epoch = math.ceil(cfg.samples_per_epoch / cfg.batch_size)
     total = cfg.epochs * steps_per_epoch
     if cfg.max_steps is not None:
         total = min(total, cfg.max_steps)
     log.info(
-        "training %s on %s: %d tiles, %d epochs × %d samples (%d steps of %d images), device %s",
-        cfg.preset, tiles.root, len(tiles), cfg.epochs, cfg.samples_per_epoch, steps_per_epoch, 3 * cfg.batch_size, device,
+        "training %s on %s: %d tiles, %d epochs × %d originals = %s optimizer steps of %d images (%d originals + their "
+        "2 Cut&Paste versions), device %s",
+        cfg.preset, tiles.root, len(tiles), cfg.epochs, cfg.samples_per_epoch, f"{total:,}", 3 * cfg.batch_size,
+        cfg.batch_size, device,
     )
+    warn_if_long_on_cpu(model.config, cfg.batch_size, total - step, device)
+    clock = StepClock(total, step)
+    last_checkpoint = time.monotonic()
+
+    def timed_checkpoint(epoch: int, batches_done: int, step_now: int, sums: dict[str, float], n: int) -> None:
+        """Every ``checkpoint_minutes``, a resume file from inside the epoch (epoch ends write their own)."""
+        nonlocal last_checkpoint
+        clock.tick(step_now)
+        if batches_done >= steps_per_epoch or time.monotonic() - last_checkpoint < 60 * cfg.checkpoint_minutes:
+            return
+        info = {"epoch": epoch, "batch": batches_done, "step": step_now, "sums": sums, "n": n, "config": fingerprint,
+                "wall_time_s": elapsed_before + time.time() - t0}
+        _write_resume(resume_path, model, opt, info)
+        last_checkpoint = time.monotonic()
+
     epochs_done = start_epoch
     with tqdm(total=total, initial=min(step, total), unit="step", dynamic_ncols=True) as bar:
         try:
             for epoch in range(start_epoch, cfg.epochs):
                 te = time.time()
-                stats, step, stopped = _train_one_epoch(model, opt, loader, sampler, epoch, cfg, device, bar, step)
+                first = epoch == start_epoch
+                stats, step, stopped = _train_one_epoch(
+                    model, opt, loader, sampler, epoch, cfg, device, bar, step,
+                    start=start_batch if first else 0, partial=partial if first else None, on_step=timed_checkpoint,
+                )
                 if stopped:
                     log.warning("stopping at max_steps=%d, inside epoch %d", cfg.max_steps, epoch + 1)
                     break
@@ -280,19 +315,21 @@ def run_train(cfg: TrainConfig) -> Path:
                 stats = {"epoch": epoch, "step": step, **stats, "seconds": round(time.time() - te, 3)}
                 with metrics_path.open("a") as fh:
                     fh.write(json.dumps(stats) + "\n")
-                info = {"epoch": epochs_done, "step": step, "config": fingerprint, "wall_time_s": elapsed_before + time.time() - t0}
+                info = {"epoch": epochs_done, "batch": 0, "step": step, "config": fingerprint, "wall_time_s": elapsed_before + time.time() - t0}
                 _write_resume(resume_path, model, opt, info)
+                last_checkpoint = time.monotonic()
                 if cfg.max_steps is not None and step >= cfg.max_steps:
                     break
         except KeyboardInterrupt:
-            log.warning("interrupted after %d complete epoch(s); continue with --resume", epochs_done)
+            log.warning("interrupted at step %d; --resume continues from the last checkpoint (every %g min and at epoch ends)",
+                        step, cfg.checkpoint_minutes)
             raise
 
     mean_map = training_mean_map(model, tiles, device, batch_size=max(8, 3 * cfg.batch_size), workers=cfg.workers)
     wall = elapsed_before + time.time() - t0
     metadata = {
         "preset": cfg.preset,
-        "train": {**{k: v for k, v in asdict(cfg).items() if k not in ("tiles", "out", "resume", "device", "workers")}},
+        "train": {**{k: v for k, v in asdict(cfg).items() if k not in ("tiles", "out", "resume", "device", "workers", "checkpoint_minutes")}},
         "epochs": epochs_done,
         "steps": step,
         "seed": cfg.seed,
