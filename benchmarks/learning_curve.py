@@ -56,8 +56,8 @@ IMAGENET_RELU31 = ("vgg-imagenet-weights", "vgg19-imagenet-normalised-to-relu3_1
 #: Default schedules: ≥ 60 CPU minutes of optimizer steps on the 2-core development CPU at batch 4
 #: (tiny ≈ 7 CPU-s per step, r31 ≈ 57 CPU-s per step, measured with one thread).
 SCHEDULES = {
-    "tiny": (540, [0, 30, 60, 120, 180, 240, 300, 360, 420, 480, 540]),
-    "r31": (72, [0, 6, 12, 24, 36, 48, 60, 72]),
+    "tiny": (600, [0, 30, 60, 120, 180, 240, 300, 360, 420, 480, 540, 600]),
+    "r31": (72, [0, 12, 24, 36, 48, 60, 72]),
 }
 BATCH = 8  # evaluation batch (images)
 
@@ -77,25 +77,40 @@ class DataSet:
     info: dict[str, Any]
 
 
+@contextlib.contextmanager
+def _locked(root: Path):
+    import fcntl
+
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with open(root.parent / f".{root.name}.lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 def prepare_data(args) -> DataSet:
     import planted
 
     if args.data == "tissue":
         root = args.workdir / ("tissue-set-quick" if args.quick else "tissue-set")
-        if args.quick:
-            man = planted.build_small_set(root, seed=args.seed)
-        else:
-            shared = _common.SHARED_DATA
-            if not shared.joinpath(*planted.CMU).is_file():
-                sys.exit(f"error: {shared.joinpath(*planted.CMU)}: not found (the tissue set needs ../shared/data)")
-            man = planted.build_tissue_set(root, shared, seed=args.seed)
+        with _locked(root):  # two runs started together build the set once
+            if args.quick:
+                man = planted.build_small_set(root, seed=args.seed)
+            else:
+                shared = _common.SHARED_DATA
+                if not shared.joinpath(*planted.CMU).is_file():
+                    sys.exit(f"error: {shared.joinpath(*planted.CMU)}: not found (the tissue set needs ../shared/data)")
+                man = planted.build_tissue_set(root, shared, seed=args.seed)
         info = {"root": str(root), "n_train": man["n_train"], "n_test_good": man["n_test_good"],
                 "n_test": len(man["test"]), "test_sha256": man["test_sha256"], "train_sha256": man["train_sha256"],
                 "settings": man["settings"], "sources": man["sources"]}
         return DataSet("tissue", root, info)
     if args.quick:  # the smoke run reads the small planted set as an MVTec-layout folder
         root = args.workdir / "tissue-set-quick"
-        planted.build_small_set(root, seed=args.seed)
+        with _locked(root):
+            planted.build_small_set(root, seed=args.seed)
     else:
         root = Path(args.data_dir) if args.data_dir else _common.SHARED_DATA / "mvtec_ad" / "bottle"
         if not (root / "test").is_dir():
@@ -416,14 +431,14 @@ def _fmt(v: float | None) -> str:
     return "–" if v is None else f"{v:.3f}"
 
 
-def load_runs(folder: Path) -> list[dict[str, Any]]:
+def load_runs(folder: Path, include_quick: bool = False) -> list[dict[str, Any]]:
     runs = []
     for p in sorted(folder.glob("learning_curve-*.json")):
         try:
             r = json.loads(p.read_text())
         except (OSError, json.JSONDecodeError):
             continue
-        if r.get("benchmark") == "learning_curve" and not r.get("quick"):
+        if r.get("benchmark") == "learning_curve" and (include_quick or not r.get("quick")):
             r["_path"] = str(p)
             runs.append(r)
     return runs
@@ -551,7 +566,7 @@ def plot(runs: list[dict[str, Any]], folder: Path) -> list[Path]:
 
 
 def report(args) -> None:
-    runs = load_runs(args.results)
+    runs = load_runs(args.results, include_quick=args.include_quick)
     if not runs:
         sys.exit(f"error: {args.results}: no learning_curve-*.json results")
     text = table(runs)
@@ -571,7 +586,7 @@ def main() -> None:
     p.add_argument("--preset", choices=sorted(SCHEDULES), default="tiny")
     p.add_argument("--data", choices=["tissue", "bottle"], default="tissue")
     p.add_argument("--data-dir", help="MVTec-AD category folder for --data bottle (default ../shared/data/mvtec_ad/bottle).")
-    p.add_argument("--total-steps", type=int, help="Optimizer steps of the whole schedule (default per preset: tiny 540, r31 72).")
+    p.add_argument("--total-steps", type=int, help="Optimizer steps of the whole schedule (default per preset: tiny 600, r31 72).")
     p.add_argument("--checkpoints", help="Comma-separated steps to score at (default per preset; all multiples of their gcd).")
     p.add_argument("--batch-size", type=int, default=4, help="Originals per step (the paper's 4; 3x images per step).")
     p.add_argument("--backbone-weights", help="VGG19 weights (default: the ImageNet file to relu3_1 in ../shared/data; quick: random).")
@@ -583,6 +598,7 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="Smoke run: small IHC set, random backbone, 2 steps of batch 1.")
     p.add_argument("--report", action="store_true", help="Only redraw the figures and the table from the JSONs in --results.")
     p.add_argument("--results", type=Path, default=RESULTS, help="Folder of the result JSONs (for --report).")
+    p.add_argument("--include-quick", action="store_true", help="--report: also read --quick runs (tests).")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     if args.report:

@@ -120,6 +120,11 @@ def blob_alpha(shape: tuple[int, int], center: tuple[float, float], radius: floa
     return np.clip((r - rho) / max(feather, 1e-6) + 0.5, 0.0, 1.0)
 
 
+def _hug_mask(alpha: np.ndarray, rim: int) -> np.ndarray:
+    """Zero soft weight farther than ``rim`` px from the mask (alpha >= 0.5): faint threads are no lesion."""
+    return np.where(ndi.binary_dilation(alpha >= 0.5, iterations=rim), alpha, 0.0)
+
+
 def _composite(base: np.ndarray, new: np.ndarray, alpha: np.ndarray) -> np.ndarray:
     """alpha·new + (1 − alpha)·base, rounded; pixels with alpha 0 keep the base's exact bytes."""
     out = alpha[..., None] * new.astype(np.float64) + (1 - alpha[..., None]) * base.astype(np.float64)
@@ -301,8 +306,9 @@ def plant_fold(tile: np.ndarray, rng: np.random.Generator, mpp: float) -> Plante
     alpha = np.clip(np.minimum(s, width - s) / feather + 0.5, 0, 1)
     # only tissue folds: no flap where the mirrored side is glass
     flap = ndi.map_coordinates(ndi.gaussian_filter(tissue_mask(tile).astype(np.float64), 1.0), [src_y, src_x], order=1, mode="mirror")
-    alpha = alpha * np.clip(flap, 0, 1)
+    alpha = alpha * np.clip((flap - 0.5) * 3 + 0.5, 0, 1)  # a ~1 px edge where the flap's tissue ends
     alpha[alpha < 0.02] = 0.0
+    alpha = _hug_mask(alpha, 2)
     return Planted(_composite(tile, folded, alpha), alpha >= 0.5, alpha, "fold",
                    {"width_um": round(width * mpp, 1), "center": [round(cy), round(cx)], "angle_deg": round(np.degrees(angle), 1)})
 
@@ -407,7 +413,7 @@ def folder_hash(root: Path, sub: str) -> str:
 
 
 def build_tissue_set(root: Path, shared: Path, seed: int = 0, train_max: int = 160, test_normal: int = 60,
-                     per_kind: int = 16, block_tiles: int = 4) -> dict[str, Any]:
+                     per_kind: int = 20, block_tiles: int = 4) -> dict[str, Any]:
     """Build (once) the MVTec-layout planted set under ``root``; returns its manifest (also root/manifest.json).
 
     Normal tissue: CMU-1-Small-Region (skin, 0.499 µm/px, read at 0.5) and TCGA-CR-7395 (head and neck,
