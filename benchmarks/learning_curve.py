@@ -441,7 +441,8 @@ def load_runs(folder: Path, include_quick: bool = False) -> list[dict[str, Any]]
         if r.get("benchmark") == "learning_curve" and (include_quick or not r.get("quick")):
             r["_path"] = str(p)
             runs.append(r)
-    return runs
+    order = {"tissue": 0, "bottle": 1, "tiny": 0, "r31": 1}
+    return sorted(runs, key=lambda r: (order.get(r["config"]["data"], 9), order.get(r["config"]["preset"], 9)))
 
 
 def table(runs: list[dict[str, Any]]) -> str:
