@@ -572,6 +572,11 @@ def report(args) -> None:
         sys.exit(f"error: {args.results}: no learning_curve-*.json results")
     text = table(runs)
     paths = plot(runs, args.results)
+    tissue_set = args.workdir / "tissue-set"
+    if (tissue_set / "manifest.json").is_file():  # what the planted anomalies look like
+        import planted
+
+        paths.append(planted.contact_sheet(tissue_set, args.results / "planted_examples.jpg", per_kind=2, size=144))
     md = args.results / "learning_curve.md"
     md.write_text(f"<!-- written by: {_common.command_line()} -->\n\n{text}\n")
     print(text)

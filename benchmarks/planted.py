@@ -548,5 +548,5 @@ def contact_sheet(root: Path, out: Path, per_kind: int = 3, size: int = 160) -> 
         label = [kind, t["slide"]] + [f"{k}={t[k]}" for k in ("source", "colour", "diameter_um", "width_um", "sigma_um") if k in t]
         d.multiline_text((3 * (size + gap) + gap, y + 4), "\n".join(str(s)[:24] for s in label), fill="black")
     out.parent.mkdir(parents=True, exist_ok=True)
-    sheet.save(out)
+    sheet.save(out, quality=88) if out.suffix.lower() in (".jpg", ".jpeg") else sheet.save(out)
     return out
