@@ -53,11 +53,13 @@ RESULTS = _common.REPO / "benchmarks" / "results"
 FIGURES = RESULTS
 DEFAULT_WORKDIR = _common.REPO / "benchmarks" / "out" / "learning_curve"
 IMAGENET_RELU31 = ("vgg-imagenet-weights", "vgg19-imagenet-normalised-to-relu3_1.safetensors")
-#: Default schedules: ≥ 60 CPU minutes of optimizer steps on the 2-core development CPU at batch 4
-#: (tiny ≈ 7 CPU-s per step, r31 ≈ 57 CPU-s per step, measured with one thread).
+#: Default schedules (total steps, checkpoints, originals per step): ≥ 60 CPU minutes of optimizer steps on the
+#: 2-core development CPU with one thread (tiny ≈ 7 CPU-s per step of 4 originals, r31 ≈ 57 CPU-s per step of 4,
+#: ≈ 29 of 2). r31 takes 2 originals (6 images) per step: at the paper's 4 its training peaks near 10 GB of RSS
+#: and was OOM-killed on the shared 24 GB machine; 2 halves that and sees the same originals per CPU minute.
 SCHEDULES = {
-    "tiny": (600, [0, 30, 60, 120, 180, 240, 300, 360, 420, 480, 540, 600]),
-    "r31": (72, [0, 12, 24, 36, 48, 60, 72]),
+    "tiny": (600, [0, 30, 60, 120, 180, 240, 300, 360, 420, 480, 540, 600], 4),
+    "r31": (144, [0, 24, 48, 72, 96, 120, 144], 2),
 }
 BATCH = 8  # evaluation batch (images)
 
@@ -592,9 +594,9 @@ def main() -> None:
     p.add_argument("--preset", choices=sorted(SCHEDULES), default="tiny")
     p.add_argument("--data", choices=["tissue", "bottle"], default="tissue")
     p.add_argument("--data-dir", help="MVTec-AD category folder for --data bottle (default ../shared/data/mvtec_ad/bottle).")
-    p.add_argument("--total-steps", type=int, help="Optimizer steps of the whole schedule (default per preset: tiny 600, r31 72).")
+    p.add_argument("--total-steps", type=int, help="Optimizer steps of the whole schedule (default per preset: tiny 600, r31 144).")
     p.add_argument("--checkpoints", help="Comma-separated steps to score at (default per preset; all multiples of their gcd).")
-    p.add_argument("--batch-size", type=int, default=4, help="Originals per step (the paper's 4; 3x images per step).")
+    p.add_argument("--batch-size", type=int, help="Originals per step; 3x images per step (default per preset: tiny 4, the paper's; r31 2, for memory).")
     p.add_argument("--backbone-weights", help="VGG19 weights (default: the ImageNet file to relu3_1 in ../shared/data; quick: random).")
     p.add_argument("--padim-dims", type=int, default=100, help="PaDiM's random channel subset (default 100, as PaDiM-R18 keeps of 448).")
     p.add_argument("--seed", type=int, default=0)
@@ -610,7 +612,8 @@ def main() -> None:
     if args.report:
         report(args)
         return
-    total, checkpoints = SCHEDULES[args.preset]
+    total, checkpoints, batch = SCHEDULES[args.preset]
+    args.batch_size = args.batch_size or batch
     if args.quick:
         total, checkpoints = 2, [0, 1, 2]
         args.batch_size = 1
