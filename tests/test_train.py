@@ -124,6 +124,25 @@ def _assert_same_run(a_path: Path, b_path: Path) -> None:
     ]
 
 
+def test_max_steps_keeps_the_resume_file_so_the_schedule_continues(tiles, trained, tmp_path):
+    """A run stopped by max_steps before its schedule ends writes a usable model AND keeps its resume file;
+    --resume then continues the same schedule to the uninterrupted run's weights (how the learning-curve
+    benchmark scores a run at fixed steps without restarting it)."""
+    part = tmp_path / "part" / "model.safetensors"
+    trainer.run_train(_cfg(tiles, part, max_steps=1))
+    resume = part.with_name("model.resume.safetensors")
+    assert part.is_file() and resume.is_file()
+    from wsi_haloae.model.checkpoint import read_header
+
+    assert json.loads(read_header(part)["metadata"])["steps"] == 1
+    trainer.run_train(_cfg(tiles, part, resume=True))
+    assert not resume.exists()  # the schedule is complete: nothing left to continue
+    a, b = _tensors(trained), _tensors(part)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
 def test_resume_from_inside_an_epoch_is_bit_identical(tiles, full_mid, tmp_path, monkeypatch):
     """Timed checkpoints (here after every step) let a run stopped in the middle of an epoch continue to exactly
     the weights, BatchNorm statistics and metrics of an uninterrupted run."""

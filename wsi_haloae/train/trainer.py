@@ -453,6 +453,9 @@ def _train(cfg: TrainConfig) -> Path:
         "batchnorm": f"recomputed on {bn_tiles} training tiles" if bn_tiles else "running averages of training",
     }
     save_model(out, model, mean_map, metadata)
-    resume_path.unlink(missing_ok=True)
+    if epochs_done >= cfg.epochs:
+        resume_path.unlink(missing_ok=True)
+    elif resume_path.is_file():  # stopped by max_steps before the schedule's end: keep the way to continue it
+        log.info("kept %s: the schedule has %d more epoch(s); --resume continues it", resume_path, cfg.epochs - epochs_done)
     log.info("wrote %s (%d epochs, %d steps, %.0f s)", out, epochs_done, step, wall)
     return out
