@@ -29,6 +29,8 @@ FORMAT_NAME = "wsi-haloae-model"
 FORMAT_VERSION = 1
 _MODEL_PREFIX = "model."
 _MEAN_MAP = "mean_map"
+#: State keys a model file may lack: files written before stain normalisation existed load as identity.
+_OPTIONAL_PREFIX = "stain."
 _MAX_HEADER = 100 * 1024 * 1024
 
 
@@ -152,6 +154,9 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> L
             if _MEAN_MAP not in keys:
                 raise BadModelFileError(f"model file {path}: no mean map")
             missing = [k for k in expected if _MODEL_PREFIX + k not in keys]
+            optional = [k for k in expected if k.startswith(_OPTIONAL_PREFIX)]
+            if optional and set(optional) <= set(missing):  # an older file: no stain tensors at all
+                missing = [k for k in missing if k not in optional]
             extra = sorted(k for k in keys if k != _MEAN_MAP and k[len(_MODEL_PREFIX):] not in expected)
             if missing or extra:
                 what = f"lacks tensor {missing[0]!r}" if missing else f"has unexpected tensor {extra[0]!r}"
@@ -160,6 +165,9 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> L
                 )
             state = {}
             for k, ref in expected.items():
+                if _MODEL_PREFIX + k not in keys:  # optional, absent: keep the fresh module's (identity)
+                    state[k] = ref
+                    continue
                 t = f.get_tensor(_MODEL_PREFIX + k)
                 if tuple(t.shape) != tuple(ref.shape):
                     raise BadModelFileError(
@@ -174,7 +182,10 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> L
         raise BadModelFileError(f"model file {path}: unreadable ({reason[:200]})") from None
     if tuple(mean_map.shape) != (cfg.fm_size, cfg.fm_size):
         raise BadModelFileError(f"model file {path}: mean map shape {list(mean_map.shape)} != [{cfg.fm_size}, {cfg.fm_size}]")
-    model.load_state_dict(state, strict=True)
+    try:
+        model.load_state_dict(state, strict=True)
+    except ValueError as exc:  # e.g. an unknown stain method code
+        raise BadModelFileError(f"model file {path}: bad stain normaliser state ({exc})") from None
     recorded = backbone_info.get("sha256")
     actual = tensors_sha256(model.features.layers.state_dict())
     if recorded and recorded != actual:
