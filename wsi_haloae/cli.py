@@ -60,6 +60,10 @@ def info(preset: str, model_path: Path | None) -> None:
 @click.option("--workers", default=2, show_default=True, type=click.IntRange(min=0))
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its resume file.")
+@click.option("--stain-normalize", default="auto", show_default=True, type=click.Choice(["auto", "none", "macenko", "reinhard"]),
+              help="Stain normalisation inside the model (auto: macenko for histology tiles, none for an MVTec-AD folder).")
+@click.option("--stain-augment", default=0.05, show_default=True, type=click.FloatRange(0, 1),
+              help="HED stain jitter strength in training (0 = off).")
 def train(**kw) -> None:
     """Train HaloAE on normal tiles."""
     from .config import TrainConfig
