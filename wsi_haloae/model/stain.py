@@ -16,26 +16,27 @@ Methods (chosen at training time, ``--stain-normalize``):
   threshold).
 - ``none``: identity (older model files, which have no stain tensors, load as this).
 
-Written in torch, not taken from a library: torchstain (the maintained torch package for this) normalises one
-image at a time (no batch dimension), fits its reference on a single image, uses ``torch.quantile`` on the
-whole image, returns integers, and has no answer for glass (an empty pixel set gives NaN or an error);
-scikit-image's ``rgb2hed``/``separate_stains`` use a fixed stain matrix (no per-image estimation) and run on
-numpy. Inference needs the transform batched on the model's device, in float, with a per-tile fallback.
+Written in torch, not taken from a library: torchstain (EIDOSLAB, the torch package for this; release 1.4.1
+of January 2025) normalises one (C, H, W) image at a time with no batch dimension, fits its reference on a
+single image, takes percentiles with ``kthvalue`` over the flattened image, returns integers, and has no
+answer for glass (an empty set of stained pixels breaks its covariance); scikit-image's
+``rgb2hed``/``separate_stains`` use a fixed stain matrix (no per-image estimate) on numpy. Inference needs the
+transform batched on the model's device, in float, with a per-tile fallback and a reference in the model.
 
 OD convention: ``OD = -ln((255·I + 1) / 256)`` for I in [0, 1] (Macenko's ``-log((I + 1)/I0)`` with I0 =
 256), which is exactly invertible, so pixels whose concentrations do not change (glass) come back unchanged.
 
 Fallback: a tile whose stain cannot be estimated reliably is passed through unchanged (identity) and counted:
 fewer than ``MIN_STAINED_FRACTION`` of its pixels stained (glass, pale or empty tiles), a non-finite estimate,
-two stain vectors closer than ``MIN_STAIN_ANGLE`` degrees (one stain only), or a stain vector further than
-``MAX_REFERENCE_ANGLE`` (hematoxylin 30°, eosin 20°) from the reference's (not a variant of the training stain: pen, a different
-stain, or an anomaly whose colour must not be normalised away). ``last_fallback`` holds the per-tile flags
-of the last batch and ``fallbacks()`` the count since ``reset_fallbacks()``.
+two stain vectors closer than ``MIN_STAIN_ANGLE`` degrees (one stain only), a stain maximum below
+``MIN_MAX_CONC``, or a stain vector further than ``MAX_REFERENCE_ANGLE`` (hematoxylin 30°, eosin 20°) from
+the reference's (not a variant of the training stain: pen, another stain, or a colour that must not be
+mapped onto it). ``last_fallback`` holds the per-tile flags of the last batch and ``fallbacks()`` the count
+since ``reset_fallbacks()``.
 """
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -44,8 +45,6 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-
-log = logging.getLogger(__name__)
 
 METHODS = ("none", "macenko", "reinhard")
 _CODES = {name: i for i, name in enumerate(METHODS)}
@@ -57,7 +56,7 @@ BETA = 0.15
 ALPHA = 1.0
 #: Percentile of each stain's concentration that is matched to the reference's.
 MAX_CONC_PERCENTILE = 99.0
-#: Pixels used to estimate a tile's stain: a regular sub-grid of about this many (16384 = every 2nd pixel of 256² in each direction).
+#: Pixels used to estimate a tile's stain: a regular sub-grid of about this many (every 2nd row and column of 256²).
 ESTIMATION_PIXELS = 16384
 #: Fallback to identity below this fraction of stained pixels (in the estimation sub-grid).
 MIN_STAINED_FRACTION = 0.05
@@ -68,11 +67,11 @@ MIN_STAIN_ANGLE = 3.0
 MAX_REFERENCE_ANGLE = (30.0, 20.0)
 #: Upper end of the concentration histogram (OD units); a 99th percentile above it is taken as this.
 MAX_OD = 8.0
-#: Concentration maxima below this (OD units) are not scaled (nothing to scale reliably).
+#: A stain whose concentration maximum (OD units) is below this is too faint to rescale: the tile falls back.
 MIN_MAX_CONC = 0.05
 
-#: Reference of Macenko et al.'s code (H and E unit OD vectors as columns; 99th-percentile concentrations),
-#: used for colour QC when a model has no fitted reference.
+#: Reference of Macenko et al.'s code (H and E unit OD vectors as columns; 99th-percentile concentrations):
+#: the buffers' values until a reference is fitted (unused while the method is none).
 DEFAULT_STAIN_MATRIX = ((0.5626, 0.2159), (0.7201, 0.8012), (0.4062, 0.5581))
 DEFAULT_MAX_CONC = (1.9705, 1.0308)
 
