@@ -290,3 +290,18 @@ def test_tile_scores_of_a_stain_shifted_copy_rank_like_the_original(shared):
     assert rho["macenko"] >= 0.9
     assert rho["macenko"] > rho["none"] + 0.1
     assert change["macenko"] < 0.5 * change["none"]
+
+
+def test_info_shows_the_stain(tmp_path):
+    from click.testing import CliRunner
+
+    from wsi_haloae.cli import main
+
+    model = build_model("tiny", backbone_weights="random", seed=1).eval()
+    old = save_model(tmp_path / "old.safetensors", model, torch.zeros(64, 64), {})
+    model.stain.set_reference("macenko", st.fit_reference([ihc_tiles()]))
+    new = save_model(tmp_path / "new.safetensors", model, torch.zeros(64, 64), {})
+    r = CliRunner().invoke(main, ["info", "--model", str(new)])
+    assert r.exit_code == 0 and "stain:             macenko (reference from 9 of 9 training tiles" in r.output
+    r = CliRunner().invoke(main, ["info", "--model", str(old)])
+    assert r.exit_code == 0 and "stain:             none (no reference" in r.output
