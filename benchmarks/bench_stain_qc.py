@@ -146,7 +146,7 @@ def main() -> None:
     for name, kind, rgb, mask in cases:
         for ref_name, ref in refs.items():
             q = colour_qc(rgb, mask, ref).to_dict()
-            row = dict(image=name, kind=kind, reference=ref_name, colour_qc=q["colour_qc"],
+            row = dict(image=name, kind=kind, reference=ref_name, colour_qc=q["status"],
                        stain_distance=q["stain_distance"], hematoxylin_angle=q["hematoxylin_angle"],
                        eosin_angle=q["eosin_angle"], median_luminance=q["median_luminance"],
                        background_rgb=q["background_rgb"], reason=q["reason"])

@@ -118,10 +118,10 @@ def test_too_little_tissue_and_to_dict():
     q = colour_qc(img, none)
     assert q.status == "unusual" and "too little stained tissue" in q.reason and q.stain_distance is None
     d = json.loads(json.dumps(q.to_dict()))
-    assert d["colour_qc"] == "unusual" and d["stain_vectors"] is None and d["reference"] == "default"
+    assert d["status"] == "unusual" and d["stain_vectors"] is None and d["reference"] == "default"
     ok = colour_qc(img, mask, reference=estimate_stain_vectors(img, mask)[0])
     d = json.loads(json.dumps(ok.to_dict()))
-    assert d["colour_qc"] == "ok" and d["reason"] is None and set(d["stain_vectors"]) == {"hematoxylin", "eosin"}
+    assert d["status"] == "ok" and d["reason"] is None and set(d["stain_vectors"]) == {"hematoxylin", "eosin"}
     assert d["thresholds"]["max_angle_deg"] == {"hematoxylin": 30.0, "eosin": 20.0}
     assert isinstance(ok, ColourQC) and ok.ok
 

@@ -47,6 +47,15 @@ MAX_PIXELS = 1_000_000
 
 WARNING = "colours unlike the training slides; scores may not be comparable"
 
+#: What the stain vectors were compared with, by ``ColourQC.reference`` (recorded beside it in outputs).
+COMPARED_WITH = {
+    "model": "the model's stain reference, fitted on its training tiles",
+    "default": "Macenko's default H&E stain vectors",
+    "none": "nothing: the model has no stain reference (a model file older than stain normalisation, or "
+            "training tiles that did not look stained); brightfield checks only (dark background, grey-scale, "
+            "coloured glass)",
+}
+
 
 @dataclass(frozen=True)
 class ColourQC:
@@ -59,7 +68,7 @@ class ColourQC:
     eosin_angle: float | None
     stain_vectors: np.ndarray | None = field(default=None, repr=False)  # (3, 2) estimated, columns H, E
     reference_vectors: np.ndarray | None = field(default=None, repr=False)  # (3, 2) compared with
-    reference: str = "model"  # "model" (fitted on the training tiles) | "default" (Macenko's H&E)
+    reference: str = "model"  # "model" (fitted on the training tiles) | "default" (Macenko's H&E) | "none" (see NO_REFERENCE)
     stained_pixels: int = 0  # low-resolution tissue pixels the stain estimate used
     median_luminance: float = 0.0
     background_rgb: tuple[int, int, int] = (0, 0, 0)  # median colour of the brightest tenth of the image
@@ -82,7 +91,7 @@ class ColourQC:
             return None if v is None else round(float(v), 2)
 
         return {
-            "colour_qc": self.status,
+            "status": self.status,
             "reason": self.reason,
             "stain_distance": deg(self.stain_distance),
             "hematoxylin_angle": deg(self.hematoxylin_angle),
@@ -90,6 +99,7 @@ class ColourQC:
             "stain_vectors": vec(self.stain_vectors),
             "reference_vectors": vec(self.reference_vectors),
             "reference": self.reference,
+            "compared_with": COMPARED_WITH[self.reference],
             "stained_pixels": int(self.stained_pixels),
             "median_luminance": round(float(self.median_luminance), 4),
             "background_rgb": [int(v) for v in self.background_rgb],
@@ -140,11 +150,14 @@ def angle_deg(u: np.ndarray, v: np.ndarray) -> float:
     return float(np.degrees(np.arccos(np.clip(cos, -1.0, 1.0))))
 
 
-def colour_qc(lowres: np.ndarray, mask: np.ndarray, reference: np.ndarray | None = None) -> ColourQC:
+def colour_qc(lowres: np.ndarray, mask: np.ndarray, reference: np.ndarray | None = None, *,
+              compare: bool = True) -> ColourQC:
     """Check a slide's colours: ``lowres`` RGB uint8 (h, w, 3) and its tissue ``mask`` (h, w) bool.
 
     ``reference``: the model's stain vectors (3, 2) (``model.stain.qc_reference()``), or None for Macenko's
-    default H&E reference. See the module docstring for the checks and thresholds.
+    default H&E reference. ``compare=False`` (a model without a stain reference): checks 1-3 only; the stain
+    vectors are estimated and recorded when possible but compared with nothing (``reference`` "none"). See
+    the module docstring for the checks and thresholds.
     """
     rgb = np.asarray(lowres)
     if rgb.ndim != 3 or rgb.shape[2] < 3:
@@ -153,7 +166,7 @@ def colour_qc(lowres: np.ndarray, mask: np.ndarray, reference: np.ndarray | None
     mask = np.asarray(mask, dtype=bool)
     if mask.shape != rgb.shape[:2]:
         raise ValueError(f"colour_qc: mask shape {mask.shape} does not match the image {rgb.shape[:2]}")
-    ref_name = "model" if reference is not None else "default"
+    ref_name = "none" if not compare else "model" if reference is not None else "default"
     ref = np.asarray(reference if reference is not None else DEFAULT_STAIN_MATRIX, dtype=np.float64)
     ref = ref / np.linalg.norm(ref, axis=0, keepdims=True)
 
@@ -165,7 +178,8 @@ def colour_qc(lowres: np.ndarray, mask: np.ndarray, reference: np.ndarray | None
     median_lum = float(np.median(luminance))
     bright = luminance >= np.percentile(luminance, 90)
     background = tuple(int(round(v)) for v in np.median(f[bright], axis=0) * 255)
-    common = dict(reference_vectors=ref, reference=ref_name, median_luminance=median_lum, background_rgb=background)
+    common = dict(reference_vectors=ref if compare else None, reference=ref_name, median_luminance=median_lum,
+                  background_rgb=background)
 
     def unusual(reason: str, **kw: Any) -> ColourQC:
         return ColourQC("unusual", reason, kw.pop("stain_distance", None), kw.pop("hematoxylin_angle", None),
@@ -179,6 +193,8 @@ def colour_qc(lowres: np.ndarray, mask: np.ndarray, reference: np.ndarray | None
     if bg_chroma > BACKGROUND_CHROMA:
         return unusual(f"the brightest areas (glass) are coloured, RGB {background}: false colours?")
     he, n = estimate_stain_vectors(rgb, mask)
+    if not compare:
+        return ColourQC("ok", None, None, None, None, stain_vectors=he, stained_pixels=n, **common)
     if he is None:
         return unusual(f"too little stained tissue to estimate its stain colours ({n} low-resolution pixels)", stained_pixels=n)
     h_ang, e_ang = angle_deg(he[:, 0], ref[:, 0]), angle_deg(he[:, 1], ref[:, 1])
@@ -189,3 +205,14 @@ def colour_qc(lowres: np.ndarray, mask: np.ndarray, reference: np.ndarray | None
     if off:
         return unusual("; ".join(off), **angles)
     return ColourQC("ok", None, **angles, **common)
+
+
+def grid_colour_qc(grid: Any, bounds: tuple[int, int, int, int], reference: np.ndarray | None = None, *,
+                   compare: bool = True) -> ColourQC:
+    """``colour_qc`` of a ``TileGrid``'s low-resolution image and tissue mask (what ``infer`` already read),
+    cropped to the scanned ``bounds`` (a slide's unscanned margin is not its glass)."""
+    from .grid import _bounds_box
+
+    box = _bounds_box(grid.mask.shape, grid.mask_downsample, bounds)
+    lowres = np.asarray(grid.lowres)[: grid.mask.shape[0], : grid.mask.shape[1]]
+    return colour_qc(lowres[box], grid.mask[box], reference, compare=compare)
