@@ -340,7 +340,7 @@ class StainNormalizer(nn.Module):
         if self._method == "none":
             return x
         channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-        with torch.autocast(device_type=x.device.type, enabled=False):
+        with torch.autocast(device_type="cuda" if x.is_cuda else "cpu", enabled=False):  # no autocast on "meta"
             xf = x.float()
             if self._method == "macenko":
                 out, ok = self._macenko(xf)
