@@ -209,6 +209,28 @@ def test_cohort_table_and_page_show_the_colour_qc(synthetic_slide, tmp_path):
                                                                            "turned": ("skipped", "unusual")}
 
 
+def test_infer_applies_the_model_files_stain_normaliser_to_every_tile(synthetic_slide, tmp_path, monkeypatch):
+    """The normaliser lives inside the model, so a model file read by infer normalises every scored tile."""
+    from wsi_haloae.model import build_model
+    from wsi_haloae.model.checkpoint import save_model
+
+    net = build_model("tiny", backbone_weights="random", seed=0)
+    net.stain.set_reference("macenko", fit_reference([tiles_of(synthetic_slide, n=4, mpp=0.5)]))
+    path = save_model(tmp_path / "m.safetensors", net, torch.zeros(64, 64), {"mpp": 2.0})
+    seen: list[tuple[str, int]] = []
+    forward = StainNormalizer.forward
+
+    def spy(self, x):
+        if x.device.type != "meta":  # the batch-size probe runs the model on the meta device: no tile there
+            seen.append((self.method, int(x.shape[0])))
+        return forward(self, x)
+
+    monkeypatch.setattr(StainNormalizer, "forward", spy)
+    result = run_infer(cfg_for(synthetic_slide, tmp_path, model=path, device="cpu"))
+    assert result.windows > 0 and {m for m, _ in seen} == {"macenko"} and sum(n for _, n in seen) == result.windows
+    assert result.colour_qc["reference"] == "model" and result.colour_qc["status"] == "ok"
+
+
 def test_result_line_of_a_store_made_before_colour_qc_has_no_colour_clause():
     r = InferResult(slide="s", out="o.zarr", status="done", tiles_tissue=1, seconds=1.0, outputs={"store": "o.zarr"})
     assert "colour" not in r.line().lower() and r.colour_qc is None
