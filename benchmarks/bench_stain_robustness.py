@@ -89,11 +89,11 @@ def scores(slide: Path, model: Path, out: Path) -> dict[tuple[int, int], float]:
     """(row, col) → tile score of one ``run_infer``."""
     import zarr
 
-    from wsi_haloae.config import InferConfig
+    from wsi_haloae.config import InferConfig, InferOptions
     from wsi_haloae.infer.engine import run_infer
 
-    run_infer(InferConfig(slide=slide, model=model, out=out, device="cpu", workers=0, batch_size=16,
-                          overwrite=True, progress=False))
+    run_infer(InferConfig(slide=slide, model=model, out=out, overwrite=True,
+                          options=InferOptions(device="cpu", workers=0, batch_size=16, progress=False)))
     g = zarr.open_group(str(out), mode="r")
     rc = np.asarray(g["tiles/rc"])
     s = np.asarray(g["tiles/score_mean"])
