@@ -214,12 +214,17 @@ def test_a_model_file_without_stain_tensors_loads_as_identity(tmp_path):
     save_file({k: v for k, v in tensors.items() if k != "model.stain.max_conc"}, str(partial), metadata=header)
     with pytest.raises(BadModelFileError, match="stain.max_conc"):
         load_model(partial)
-    bad = dict(tensors)
-    bad["model.stain.method_code"] = torch.tensor(7)
-    badf = tmp_path / "bad.safetensors"
-    save_file(bad, str(badf), metadata=header)
-    with pytest.raises(BadModelFileError, match="stain"):
-        load_model(badf)
+    for key, value, reason in (("model.stain.method_code", torch.tensor(7), "stain method code 7 is unknown"),
+                               ("model.stain.stain_matrix", torch.full((3, 2), float("nan")), "NaN"),
+                               ("model.stain.stain_matrix", torch.ones(3, 2), "not unit vectors"),
+                               ("model.stain.max_conc", torch.zeros(2), "must be positive")):
+        bad = dict(tensors)
+        bad[key] = value
+        badf = tmp_path / "bad.safetensors"
+        save_file(bad, str(badf), metadata=header)
+        with pytest.raises(BadModelFileError, match=f"bad stain normaliser state.*{reason}") as e:
+            load_model(badf)
+        assert "\n" not in str(e.value) and str(badf) in str(e.value)
 
 
 # ----------------------------------------------------------------------------------------------- augmentation

@@ -297,6 +297,21 @@ class StainNormalizer(nn.Module):
             raise ValueError(f"stain method code {code} is unknown (0 none, 1 macenko, 2 reinhard)")
         self._method = METHODS[code]
         self._has_reference = int(self.reference_tiles.item()) > 0
+        if self._has_reference:
+            self._check_reference()
+
+    def _check_reference(self) -> None:
+        """A loaded reference must be one a fit could give: finite, unit stain vectors, positive maxima and
+        spreads. A damaged or hand-edited file fails here (as a one-line model-file error), not as NaN maps
+        or a colour QC that compares with NaN."""
+        bufs = (self.stain_matrix, self.max_conc, self.lab_mean, self.lab_std, self.spread_deg)
+        if not all(bool(torch.isfinite(b).all()) for b in bufs):
+            raise ValueError("the stain reference holds NaN or infinite values")
+        norms = torch.linalg.vector_norm(self.stain_matrix.double(), dim=0)
+        if not bool(((norms - 1).abs() < 1e-3).all()):
+            raise ValueError(f"stain vectors are not unit vectors (norms {[round(float(n), 4) for n in norms]})")
+        if not (bool((self.max_conc > 0).all()) and bool((self.lab_std > 0).all())):
+            raise ValueError("stain concentration maxima and CIELAB spreads must be positive")
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001 - torch's signature
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
