@@ -109,6 +109,28 @@ def test_ssim_constants_quick(tmp_path):
         assert 0 < r["one_minus_ssim_old"] <= r["one_minus_ssim_new"] + 1e-6
 
 
+def test_bench_stain_quick(tmp_path):
+    res = run_bench("bench_stain", tmp_path)
+    rows = {(r["method"], r["what"]): r for r in res["rows"]}
+    assert set(rows) == {("none", "anomaly_map"), ("macenko", "anomaly_map"), ("macenko", "stain_only"),
+                         ("reinhard", "anomaly_map"), ("reinhard", "stain_only")}
+    for r in rows.values():
+        assert r["ms_per_tile"] > 0 and r["cpu_ms_per_tile"] > 0 and r["fallbacks"] == 0
+    assert rows[("macenko", "stain_only")]["share_of_model"] > 0
+    assert res["reference"]["tiles_used"] > 0
+
+
+def test_bench_stain_qc_quick(tmp_path):
+    res = run_bench("bench_stain_qc", tmp_path)
+    by = {(r["image"], r["reference"]): r for r in res["rows"]}
+    assert by[("scikit-image IHC (H-DAB) on glass", "default H&E")]["colour_qc"] == "unusual"
+    for (image, _), r in by.items():
+        if "DICOM" in image or "turned 40" in image:
+            assert r["colour_qc"] == "unusual", image
+        if image.startswith("CMU-1-Small-Region.svs"):
+            assert r["colour_qc"] == "ok"
+
+
 def test_gpu_check_script_is_valid_bash():
     script = BENCH / "gpu_check.sh"
     assert os.access(script, os.X_OK)

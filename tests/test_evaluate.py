@@ -167,3 +167,34 @@ def test_real_mvtec_bottle_layout(shared):
     assert {it.defect for it in items} == {"good", "broken_large", "broken_small", "contamination"}
     assert all(it.mask is not None and it.mask.is_file() for it in items if it.anomalous)
     assert len(find_images(tile_root(bottle))) == 209
+
+
+def test_the_model_files_stain_normaliser_runs_on_every_test_image(mvtec, tmp_path, monkeypatch, capsys):
+    """evaluate applies the model's own stain normalisation (it lives inside the model): a model file with a
+    Macenko reference normalises all 6 test images, and its figures differ from the same weights without it."""
+    from wsi_haloae.model import build_model
+    from wsi_haloae.model.checkpoint import save_model
+    from wsi_haloae.model.stain import StainNormalizer, fit_reference
+
+    tiles = torch.stack([torch.from_numpy(np.array(Image.open(p).convert("RGB"))).permute(2, 0, 1).float() / 255
+                         for p in sorted((mvtec / "train" / "good").glob("*.png"))])
+    net = build_model("tiny", backbone_weights="random", seed=0)
+    plain = save_model(tmp_path / "plain.safetensors", net, torch.zeros(64, 64), {})
+    net.stain.set_reference("macenko", fit_reference([tiles]))
+    normalised = save_model(tmp_path / "macenko.safetensors", net, torch.zeros(64, 64), {})
+
+    seen: list[tuple[str, int]] = []
+    forward = StainNormalizer.forward
+
+    def spy(self, x):
+        seen.append((self.method, int(x.shape[0])))
+        return forward(self, x)
+
+    monkeypatch.setattr(StainNormalizer, "forward", spy)
+    with_norm = run_evaluate(model=normalised, data=mvtec, as_json=True, device="cpu", batch_size=4)
+    assert [m for m, _ in seen] == ["macenko", "macenko"] and sum(n for _, n in seen) == 6
+    seen.clear()
+    without = run_evaluate(model=plain, data=mvtec, as_json=True, device="cpu", batch_size=4)
+    assert {m for m, _ in seen} == {"none"} and sum(n for _, n in seen) == 6
+    capsys.readouterr()
+    assert with_norm["pixel_auroc"] != without["pixel_auroc"]

@@ -95,6 +95,10 @@ def info(preset: str, model_path: Path | None) -> None:
 @click.option("--checkpoint-minutes", default=10.0, show_default=True, type=click.FloatRange(min=0),
               help="Write the resume file this often (and at every epoch end); 0: after every step.")
 @click.option("--compile", "compile", is_flag=True, help="torch.compile the model (for long GPU runs: a few minutes to compile, then faster steps).")
+@click.option("--stain-normalize", default="auto", show_default=True, type=click.Choice(["auto", "none", "macenko", "reinhard"]),
+              help="Stain normalisation inside the model (auto: macenko for histology tiles, none for an MVTec-AD folder).")
+@click.option("--stain-augment", default=0.05, show_default=True, type=click.FloatRange(0, 1),
+              help="HED stain jitter strength in training (0 = off).")
 def train(**kw) -> None:
     """Train HaloAE on normal tiles."""
     from .config import TrainConfig

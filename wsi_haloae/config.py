@@ -292,6 +292,8 @@ class TrainConfig:
     lr: float = 1e-4
     weight_decay: float = 1e-5
     jitter: float = 0.1
+    stain_normalize: str = "auto"  # auto (macenko for histology tiles, none for an MVTec-AD folder) | none | macenko | reinhard
+    stain_augment: float = 0.05  # HED jitter strength (train/stain_augment.py); 0 = off
     max_steps: int | None = None  # testing aid: stop after this many optimizer steps (in total)
     max_seconds: float | None = None  # benchmark aid: stop training after this long, then finish the model as usual
     checkpoint_minutes: float = 10.0  # a resume file this often (and at every epoch end); 0: after every step

@@ -37,6 +37,13 @@ def _eprint(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+def _colour_warning(row: dict[str, Any]) -> str:
+    """infer's colour warning for a cohort row (its reason from the slide's summary)."""
+    from ..slide.colour import WARNING
+
+    return f"{WARNING} ({row.get('colour_reason')})"
+
+
 def _blank_row(e: SlideEntry, status: str, error: str = "") -> dict[str, Any]:
     return {"id": e.id, "path": str(e.path), "status": status, "error": error, "tiles": None,
             "tissue_fraction": None, "score_mean": None, "score_p95": None, "score_max": None,
@@ -258,6 +265,8 @@ def _run_tasks(cfg: CohortConfig, todo: list[SlideEntry], redo: set[str], rows: 
                     elif row["status"] == NO_TISSUE:
                         bar.write(f"cohort: {e.id}: no tissue found (no tile has >= {cfg.options.min_tissue:g} "
                                   f"tissue)", file=sys.stderr)
+                    if row.get("colour_qc") == "unusual":
+                        bar.write(f"cohort: {e.id}: {_colour_warning(row)}", file=sys.stderr)
                     bar.update(1)
                 if cl.keeper is not None:
                     lost = cl.keeper.check()
@@ -333,6 +342,11 @@ def run_cohort(cfg: CohortConfig) -> int:
     if counts[NO_TISSUE]:
         _eprint(f"cohort: {counts[NO_TISSUE]} slide(s) with no tissue (status 'no tissue' in {out / 'cohort.csv'}): "
                 f"check them, or lower --min-tissue")
+    unusual = [r["id"] for r in rows.values() if r.get("colour_qc") == "unusual"]
+    if unusual:
+        _eprint(f"cohort: {len(unusual)} slide(s) with colours unlike the training slides (colour_qc 'unusual' in "
+                f"{out / 'cohort.csv'}; scores may not be comparable): {', '.join(unusual[:10])}"
+                + (" ..." if len(unusual) > 10 else ""))
     if counts["failed"]:
         _eprint(f"cohort: {counts['failed']} of {len(entries)} slides failed (see the error column of {out / 'cohort.csv'})")
         return 1

@@ -15,8 +15,10 @@ from typing import Any
 
 from ..fileio import write_text_atomic
 
+#: Each slide's colour QC (infer/colour.py): ok|unusual, the stain distance in degrees, why unusual.
+COLOUR_COLUMNS = ["colour_qc", "stain_distance", "colour_reason"]
 COLUMNS = ["id", "path", "status", "error", "tiles", "tissue_fraction", "score_mean", "score_p95", "score_max",
-           "anomalous_tiles", "seconds", "host", "worker"]
+           "anomalous_tiles", *COLOUR_COLUMNS, "seconds", "host", "worker"]
 
 
 def _fmt(v: Any) -> str:
@@ -53,7 +55,32 @@ th,td{border-bottom:1px solid #ddd;padding:4px 8px;text-align:left;vertical-alig
 th[data-sort]{cursor:pointer;user-select:none;background:#f4f4f4}th.asc:after{content:' \\25B2'}th.desc:after{content:' \\25BC'}
 td.num{text-align:right;font-variant-numeric:tabular-nums}img{max-width:220px;max-height:160px;display:block}
 tr.failed{background:#fde8e8}tr.no-tissue{background:#fff6dd}tr.skipped td.status{color:#666}.err{max-width:30em;font-size:12px;color:#a00}
+td.colour-unusual{background:#ffe0b3;color:#8a3b00;font-weight:bold;max-width:22em;font-size:12px}
+p.colour-unusual{background:#ffe0b3;color:#8a3b00;padding:4px 8px;display:inline-block}
 """
+
+
+def _colour_cell(r: dict[str, Any]) -> str:
+    """The page's colour cell: a visible flag with its reason for an unusual slide, the stain distance for an ok
+    one, empty before colour QC existed (or for a failed slide)."""
+    status = r.get("colour_qc")
+    if status == "unusual":
+        reason = html.escape(_fmt(r.get("colour_reason")))
+        return f'<td class="colour-unusual" data-v="unusual" title="{reason}">&#9888; unusual colours: {reason}</td>'
+    if status == "ok":
+        dist = r.get("stain_distance")
+        text = "ok" + (f" ({dist:.0f}°)" if isinstance(dist, (int, float)) else "")
+        return f'<td class="colour" data-v="ok">{html.escape(text)}</td>'
+    return '<td class="colour" data-v=""></td>'
+
+
+def _colour_note(rows: list[dict[str, Any]]) -> str:
+    """A line above the table when any slide's colours are unusual."""
+    n = sum(r.get("colour_qc") == "unusual" for r in rows)
+    if not n:
+        return ""
+    return (f'<p class="colour-unusual">&#9888; {n} slide(s) with colours unlike the training slides: their scores '
+            "may not be comparable (column colour).</p>\n")
 
 
 def to_html(rows: list[dict[str, Any]], out_dir: Path, title: str) -> str:
@@ -65,6 +92,7 @@ def to_html(rows: list[dict[str, Any]], out_dir: Path, title: str) -> str:
     cols = [("preview", False), ("id", False), ("status", False), ("score_max", True), ("score_p95", True),
             ("score_mean", True), ("anomalous_tiles", True), ("tiles", True), ("tissue_fraction", True), ("seconds", True), ("host", False),
             ("error", False)]
+    cols.insert(cols.index(("score_max", True)), ("colour", False))
     def th(c: str, num: bool) -> str:
         if c == "preview":
             return "<th>preview</th>"
@@ -86,6 +114,9 @@ def to_html(rows: list[dict[str, Any]], out_dir: Path, title: str) -> str:
                 else:
                     cells.append("<td></td>")
                 continue
+            if c == "colour":
+                cells.append(_colour_cell(r))
+                continue
             v = r.get(c)
             text = html.escape(_fmt(v))
             cls = ' class="num"' if num else (' class="err"' if c == "error" else f' class="{c}"')
@@ -97,7 +128,8 @@ def to_html(rows: list[dict[str, Any]], out_dir: Path, title: str) -> str:
         f"<h1>{html.escape(title)}</h1><p>{len(rows)} slides: {html.escape(summary)}. "
         "Click a column to sort; click a preview for the full image. Tables: "
         '<a href="cohort.csv">cohort.csv</a>, <a href="cohort.json">cohort.json</a>.</p>\n'
-        f"<table><thead><tr>{head}</tr></thead><tbody>\n" + "\n".join(body) + "\n</tbody></table>\n"
+        + _colour_note(rows)
+        + f"<table><thead><tr>{head}</tr></thead><tbody>\n" + "\n".join(body) + "\n</tbody></table>\n"
         f"<script>{_JS}</script></body></html>\n"
     )
 

@@ -127,11 +127,17 @@ def model_loads() -> int:
 
 
 # ------------------------------------------------------------------------------------------------ the task
+#: The colour QC keys of a store's ``summary`` (infer/colour.py), shown per slide.
+COLOUR_KEYS = ("colour_qc", "stain_distance", "colour_reason")
+
+
 def slide_row(attrs: dict[str, Any]) -> dict[str, Any]:
     """A slide's cohort figures, as its store records them (attribute ``summary``; see infer.engine)."""
     summary = attrs.get("summary") or {}
-    return {k: summary.get(k) for k in ("tiles", "tissue_fraction", "score_mean", "score_p95", "score_max",
-                                        "anomalous_tiles")}
+    row = {k: summary.get(k) for k in ("tiles", "tissue_fraction", "score_mean", "score_p95", "score_max",
+                                       "anomalous_tiles")}
+    row.update({k: summary.get(k) for k in COLOUR_KEYS})
+    return row
 
 
 def _write_record(path: Path, row: dict[str, Any]) -> None:

@@ -40,6 +40,7 @@ from ..model.device import resolve_device
 from ..slide.ids import slide_id
 from . import batch, outputs, writers
 from .assembler import MapAssembler, blend_window, tile_scores_from_windows
+from .colour import check_slide_colours, colour_attrs, colour_clause, colour_summary, warn_if_unusual
 from .geojson import robust_threshold
 from .outputs import STORE
 from .tissue_map import MapTissue
@@ -78,6 +79,7 @@ class InferResult:
     overlap: float = 0.0
     min_tissue: float | None = None
     tissue_scored: float | None = None  # share of the tissue-mask pixels the map scores
+    colour_qc: dict[str, Any] | None = None  # the store's ``colour_qc`` attribute (infer/colour.py); None before it existed
 
     @classmethod
     def from_attrs(cls, attrs: dict[str, Any], slide: Path, status: str, seconds: float,
@@ -90,7 +92,8 @@ class InferResult:
                    outputs={k: str(v) for k, v in outputs.items()}, summary=dict(attrs.get("summary") or {}),
                    outcome=attrs.get("status", "done"), windows=(attrs.get("windows") or {}).get("n", 0),
                    overlap=attrs.get("overlap", 0.0), min_tissue=attrs.get("min_tissue"),
-                   tissue_scored=(attrs.get("map") or {}).get("scored_fraction"), **kw)
+                   tissue_scored=(attrs.get("map") or {}).get("scored_fraction"),
+                   colour_qc=attrs.get("colour_qc"), **kw)
 
     @property
     def tiles_per_s(self) -> float:
@@ -112,17 +115,18 @@ class InferResult:
     def line(self) -> str:
         """The one-line summary the CLI prints on stderr."""
         outs = ", ".join(self.outputs.values()) or self.out
+        colour = colour_clause(self.summary)
         if self.status == "skipped":
             made = f" (wrote the missing {', '.join(self.written)})" if self.written else ""
             what = " (no tissue)" if self.outcome == NO_TISSUE else ""
-            return f"{self.slide}: already complete{what}, left alone: {outs} (use --overwrite to redo){made}"
+            return f"{self.slide}: already complete{what}, left alone: {outs} (use --overwrite to redo){made}{colour}"
         if self.status == NO_TISSUE:
-            return f"{self.slide}: no tissue ({no_tissue_reason(self.tiles_grid, self.min_tissue)}) -> {outs}"
+            return f"{self.slide}: no tissue ({no_tissue_reason(self.tiles_grid, self.min_tissue)}) -> {outs}{colour}"
         windows = f", {self.windows} windows at overlap {self.overlap:g}" if self.overlap else ""
         scored = f", {self.tissue_scored:.1%} of the tissue scored" if self.tissue_scored is not None else ""
         return (f"{self.slide}: {self.tiles_tissue} tiles ({self.tiles_failed} unreadable{windows}{scored}) in "
                 f"{self.seconds:.1f} s, {self.tiles_per_s:.1f} tiles/s end to end, {self.model_tiles_per_s:.1f} "
-                f"tiles/s in the model [{self.device}] -> {outs}")
+                f"tiles/s in the model [{self.device}] -> {outs}{colour}")
 
 
 #: ``InferResult.status`` / the store's ``status`` of a slide without a tile of tissue.
@@ -289,6 +293,9 @@ def _run(cfg: InferConfig, paths: dict[str, Path], loaded, t_start: float) -> In
     plan = _plan_map(reader, res, mcfg.tile_size, opts)
     grid, win, geom = plan.grid, plan.windows, plan.geom
     n = len(grid)
+    colour = check_slide_colours(grid, reader.bounds, model)  # flagged slides are still scored (infer/colour.py)
+    if n:  # without tissue the one warning is "no tissue found"; the colour verdict is still recorded
+        warn_if_unusual(cfg.slide, colour)
 
     tmp = partial_name(out)
     extras = {k: p for k, p in paths.items() if k != STORE.name}
@@ -368,6 +375,8 @@ def _run(cfg: InferConfig, paths: dict[str, Path], loaded, t_start: float) -> In
             "workers": opts.workers,
             "model_seconds": model_s,
         }
+        attrs["colour_qc"] = colour_attrs(colour)
+        attrs["summary"].update(colour_summary(colour))
         with _writing(out, STORE.what):
             group.attrs[writers.ATTR] = attrs
         _write_extras(outputs.StoreContext(group, attrs, Path(cfg.slide)), extras, temps)

@@ -31,7 +31,7 @@ def postprocess(raw, mean_map, out_size: int | None = None):
     """
     as_numpy = isinstance(raw, np.ndarray)
     r = torch.as_tensor(raw)
-    with torch.autocast(device_type=r.device.type, enabled=False):
+    with torch.autocast(device_type="cuda" if r.is_cuda else "cpu", enabled=False):  # "meta" has no autocast (batch probe)
         return _postprocess_fp32(r, mean_map, out_size, as_numpy)
 
 

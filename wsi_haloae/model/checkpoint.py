@@ -30,6 +30,8 @@ FORMAT_NAME = "wsi-haloae-model"
 FORMAT_VERSION = 1
 _MODEL_PREFIX = "model."
 _MEAN_MAP = "mean_map"
+#: State keys a model file may lack: files written before stain normalisation existed load as identity.
+_OPTIONAL_PREFIX = "stain."
 _MAX_HEADER = 100 * 1024 * 1024
 
 
@@ -212,6 +214,10 @@ def _check_tensors(header: dict[str, Any], cfg: ModelConfig, path: Path) -> None
     if _MEAN_MAP not in found:
         raise BadModelFileError(f"model file {path}: no mean map")
     missing = [k[len(_MODEL_PREFIX):] for k in expected if k not in found]
+    optional = [k[len(_MODEL_PREFIX):] for k in expected if k.startswith(_MODEL_PREFIX + _OPTIONAL_PREFIX)]
+    if optional and set(optional) <= set(missing):  # an older file: no stain tensors at all (loads as identity)
+        missing = [k for k in missing if k not in optional]
+        expected = {k: v for k, v in expected.items() if k in found}
     extra = sorted(k for k in found if k not in expected)
     if missing or extra:
         what = f"lacks tensor {missing[0]!r}" if missing else f"has unexpected tensor {extra[0]!r}"
@@ -252,12 +258,21 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> L
     expected = model.state_dict()
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
-            state = {k: f.get_tensor(_MODEL_PREFIX + k) for k in expected}
+            keys = set(f.keys())
+            state = {}
+            for k, ref in expected.items():
+                if _MODEL_PREFIX + k not in keys:  # optional and absent (checked above): the fresh module's identity
+                    state[k] = ref
+                    continue
+                state[k] = f.get_tensor(_MODEL_PREFIX + k)
             mean_map = f.get_tensor(_MEAN_MAP).float()
     except Exception as exc:  # safetensors raises its own error types for corrupt data
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise BadModelFileError(f"model file {path}: unreadable ({reason[:200]})") from None
-    model.load_state_dict(state, strict=True)
+    try:
+        model.load_state_dict(state, strict=True)
+    except ValueError as exc:  # e.g. an unknown stain method code
+        raise BadModelFileError(f"model file {path}: bad stain normaliser state ({exc})") from None
     recorded = backbone_info.get("sha256")
     actual = tensors_sha256(model.features.layers.state_dict())
     if recorded and recorded != actual:

@@ -1,7 +1,8 @@
 """The whole HaloAE model: frozen VGG19 taps → HaloNet auto-encoder, plus the training-only heads.
 
-Input is RGB in [0, 1]; the model normalises with the ImageNet mean/std itself so that normalisation runs on
-the device, next to the data. ``anomaly_map`` is the inference path: it never touches the image
+Input is RGB in [0, 1]; the model applies its stain normalisation (``stain.py``, fitted on the training tiles,
+identity when there is none) and then the ImageNet mean/std itself, so that both run on the device, next to
+the data, and every command that runs the model applies the same transform. ``anomaly_map`` is the inference path: it never touches the image
 reconstructor or the classifier.
 """
 
@@ -16,6 +17,7 @@ from torch import nn
 from ..config import ModelConfig
 from .autoencoder import Classifier, HaloAutoEncoder, ImageReconstructor
 from .features import VGGFeatures
+from .stain import StainNormalizer
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -38,6 +40,7 @@ class HaloAE(nn.Module):
         self.autoencoder = HaloAutoEncoder(config)
         self.image_decoder = ImageReconstructor(config)
         self.classifier = Classifier(config)
+        self.stain = StainNormalizer()  # non-trainable; its reference travels in the model file (stain.*)
         self.register_buffer("img_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("img_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
         self.backbone_info: dict = {"source": None, "sha256": None, "path": None, "file_sha256": None, "seed": None}
@@ -47,10 +50,18 @@ class HaloAE(nn.Module):
         """RGB in [0, 1] → ImageNet-normalised (the backbone's and the image reconstructor's space)."""
         return (x - self.img_mean.to(x.dtype)) / self.img_std.to(x.dtype)
 
+    def preprocess(self, x: torch.Tensor) -> torch.Tensor:
+        """RGB in [0, 1] → what the backbone sees: stain-normalised, then ImageNet-normalised (no gradient).
+
+        Also the image reconstructor's target in training, so that it reconstructs what the features saw.
+        """
+        with torch.no_grad():
+            return self.normalize(self.stain(x))
+
     def extract(self, x: torch.Tensor) -> torch.Tensor:
         """The frozen multi-scale feature map fm (N, C, 64, 64) of RGB [0, 1] input; no gradient."""
         with torch.no_grad():
-            return self.features(self.normalize(x))
+            return self.features(self.preprocess(x))
 
     def reconstruct(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         fm = self.extract(x)

@@ -50,6 +50,13 @@ def describe(cfg: ModelConfig) -> dict:
     }
 
 
+def _stain_line(d: dict) -> str:
+    ref = d.get("reference")
+    if ref is None:
+        return f"{d['method']} (no reference: a colour QC compares slides with the default H&E stain)"
+    return f"{d['method']} (reference from {ref['tiles_used']} of {ref['tiles']} training tiles; docs/stain.md)"
+
+
 def _fmt(n: int) -> str:
     return f"{n:,} ({n / 1e6:.2f}M)"
 
@@ -69,6 +76,7 @@ def run_info(preset: str = "paper", model_path: Path | None = None) -> dict:
             f"backbone:          {bb.get('source')} (tensors sha256 {str(bb.get('sha256'))[:16]}…"
             + (f", from {bb['path']}" if bb.get("path") else "")
             + ")",
+            f"stain:             {_stain_line(loaded.model.stain.describe())}",
             f"metadata:          {json.dumps(loaded.metadata, sort_keys=True)}",
         ]
     else:

@@ -24,6 +24,7 @@ from ..errors import BadTilesError, UserError
 from ..images import IMAGE_SUFFIXES, read_image, read_rgb, resize_rgb, warn_rescaled
 from ..model.inputs import to_tensor
 from .cutpaste import color_jitter, cutpaste_normal, cutpaste_scar
+from .stain_augment import hed_jitter, stain_generator
 
 log = logging.getLogger(__name__)
 
@@ -185,15 +186,17 @@ class EpochSampler(Sampler):
 class CutPasteDataset(Dataset):
     """Sample (epoch, i) → (original, Cut&Paste normal, Cut&Paste scar), each float (3, 256, 256) in [0, 1].
 
-    The original is colour-jittered first (whole-image augmentation), and both pasted versions derive from the
-    jittered original, so they differ from it only where something was pasted.
+    The original is stain-augmented (HED jitter, ``stain_augment.py``) and colour-jittered first (whole-image
+    augmentation), and both pasted versions derive from it, so they differ from it only where something was
+    pasted.
     """
 
-    def __init__(self, tiles: TileSet, n_samples: int, seed: int, jitter: float = 0.1) -> None:
+    def __init__(self, tiles: TileSet, n_samples: int, seed: int, jitter: float = 0.1, stain_augment: float = 0.0) -> None:
         self.tiles = tiles
         self.n_samples = n_samples
         self.seed = seed
         self.jitter = jitter
+        self.stain_augment = stain_augment
         self._orders: dict[int, np.ndarray] = {}
 
     def __len__(self) -> int:
@@ -208,6 +211,8 @@ class CutPasteDataset(Dataset):
         epoch, i = key
         g = sample_generator(self.seed, epoch, i)
         x = to_tensor(self.tiles.get(int(self._order(epoch)[i])))
+        if self.stain_augment > 0:
+            x = hed_jitter(x, self.stain_augment, stain_generator(self.seed, epoch, i))
         if self.jitter > 0:
             x = color_jitter(x, self.jitter, g)
         normal, _ = cutpaste_normal(x, g, jitter=self.jitter)

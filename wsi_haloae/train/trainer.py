@@ -40,13 +40,15 @@ from .batchnorm import refresh_batchnorm
 from .estimate import StepClock, warn_if_long_on_cpu
 from .ews import weights_for
 from .losses import reconstruction_loss
+from .stain import setup_stain
 from ..model.checkpoint import is_model_file, write_safetensors
 from ..model.device import resolve_device
 
 log = logging.getLogger(__name__)
 
 #: Config fields that must match for ``--resume`` (device, workers and max_steps may change between runs).
-RESUME_KEYS = ("preset", "epochs", "samples_per_epoch", "batch_size", "backbone_weights", "seed", "lr", "weight_decay", "jitter")
+RESUME_KEYS = ("preset", "epochs", "samples_per_epoch", "batch_size", "backbone_weights", "seed", "lr", "weight_decay", "jitter",
+               "stain_normalize", "stain_augment")
 RESUME_FORMAT = "wsi-haloae-resume/1"
 
 
@@ -234,7 +236,7 @@ def _train_one_epoch(
         # losses in float32: SSIM's small differences of large sums are not safe in bf16
         l_cls = F.cross_entropy(out.logits.float(), labels)
         l_fm = reconstruction_loss(out.fm_hat[:b].float(), out.fm[:b].float())
-        l_im = reconstruction_loss(out.image_hat[:b].float(), model.normalize(x[:b]).float())
+        l_im = reconstruction_loss(out.image_hat[:b].float(), model.preprocess(x[:b]).float())
         loss = alphas[0] * l_cls + alphas[1] * l_fm + alphas[2] * l_im
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -336,6 +338,7 @@ def _train(cfg: TrainConfig) -> Path:
 
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.preset, cfg.backbone_weights, seed=cfg.seed).to(device)
+    stain_meta = setup_stain(model, tiles, cfg, device)  # before --resume restores the same buffers
     opts = StepOptions.for_device(device)
     forward = prepare_model(model, opts, cfg.compile)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -358,7 +361,7 @@ def _train(cfg: TrainConfig) -> Path:
         log.warning("%s exists from an earlier run; starting afresh (pass --resume to continue it)", resume_path)
     _write_metrics(metrics_path, start_epoch if cfg.resume else None)
 
-    dataset = CutPasteDataset(tiles, cfg.samples_per_epoch, cfg.seed, cfg.jitter)
+    dataset = CutPasteDataset(tiles, cfg.samples_per_epoch, cfg.seed, cfg.jitter, cfg.stain_augment)
     sampler = EpochSampler(cfg.samples_per_epoch)
     loader = DataLoader(
         dataset,
@@ -447,6 +450,7 @@ def _train(cfg: TrainConfig) -> Path:
         "tiles_skipped": tiles.skipped,
         "data": str(tiles.root.resolve()),
         "mpp": training_mpp(Path(cfg.tiles)),
+        "stain": stain_meta,
         "version": __version__,
         "device": str(device),
         "wall_time_s": round(wall, 1),
