@@ -21,30 +21,12 @@ from typing import Any
 import numpy as np
 
 from ..errors import OutputError
+from ..scoring.rules import MAD_K, robust_threshold  # noqa: F401  (the per-slide rule's home is scoring/)
 from .writers import atomic_path, discard
 
 CLASS_NAME = "Anomalous"
 CLASS_COLOR = (220, 20, 60)
-#: Robust threshold: median + K * 1.4826 * MAD of the slide's scored tile means (see docs/output-format.md).
-MAD_K = 3.0
 _NS = uuid.UUID("6b1d3c1e-4f0c-4a7e-9b52-2f1a9f0c7d11")
-
-
-def robust_threshold(scores: np.ndarray, k: float = MAD_K) -> dict[str, Any]:
-    """median + k·1.4826·MAD of the finite tile scores: ~k standard deviations above typical tissue.
-
-    Robust to the anomalies themselves (they move the median and MAD little), needs no labels and no
-    training-set statistics, and adapts to each slide's staining. With no scored tile it is NaN.
-    """
-    s = np.asarray(scores, dtype=np.float64)
-    s = s[np.isfinite(s)]
-    if s.size == 0:
-        return {"method": f"median + {k:g} * 1.4826 * MAD of tile anomaly_score", "value": None,
-                "median": None, "mad": None, "k": k}
-    med = float(np.median(s))
-    mad = float(np.median(np.abs(s - med)))
-    return {"method": f"median + {k:g} * 1.4826 * MAD of tile anomaly_score", "value": med + k * 1.4826 * mad,
-            "median": med, "mad": mad, "k": k}
 
 
 def _num(v: float) -> float | int:
