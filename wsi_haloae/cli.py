@@ -60,12 +60,29 @@ def info(preset: str, model_path: Path | None) -> None:
 @click.option("--workers", default=2, show_default=True, type=click.IntRange(min=0))
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its resume file.")
+@click.option("--val-fraction", default=0.1, show_default=True, type=click.FloatRange(0, 0.5),
+              help="Share of the normal tiles (whole slides when tiles.csv names >= 3) kept out to calibrate the model; 0: none.")
 def train(**kw) -> None:
     """Train HaloAE on normal tiles."""
     from .config import TrainConfig
     from .train.trainer import run_train
 
     _run(run_train, TrainConfig(**kw))
+
+
+@main.command()
+@click.option("--model", required=True, type=click.Path(path_type=Path), help="The model file to calibrate.")
+@click.option("--tiles", required=True, type=click.Path(path_type=Path), help="Folder of NORMAL tiles from your site (e.g. `wsi-haloae tiles` on normal slides).")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="The calibrated model file to write (equal to --model: replace it).")
+@click.option("--device", default="auto", type=DEVICE, show_default=True)
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
+@click.option("--workers", default=2, show_default=True, type=click.IntRange(min=0))
+def calibrate(**kw) -> None:
+    """(Re)calibrate a model on normal tiles: the p-values, calls and colour scale of infer rest on it."""
+    from .calibrate import run_calibrate
+    from .config import CalibrateConfig
+
+    _run(run_calibrate, CalibrateConfig(**kw))
 
 
 @main.command()

@@ -127,6 +127,7 @@ class TrainConfig:
     weight_decay: float = 1e-5
     jitter: float = 0.1
     max_steps: int | None = None  # testing aid: stop after this many optimizer steps (in total)
+    val_fraction: float = 0.1  # normal tiles (whole slides when possible) kept out to calibrate the model
 
 
 @dataclass
@@ -145,6 +146,17 @@ class InferConfig:
     min_tissue: float = 0.5
     overwrite: bool = False
     max_failed_fraction: float = 0.05
+    progress: bool = True
+
+
+@dataclass
+class CalibrateConfig:
+    model: Path
+    tiles: Path
+    out: Path
+    device: str = "auto"
+    batch_size: int = 32
+    workers: int = 2
     progress: bool = True
 
 

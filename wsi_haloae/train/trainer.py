@@ -32,14 +32,16 @@ from ..config import TrainConfig
 from ..errors import BadInputError, OutputError
 from ..fileio import atomic_output, write_text_atomic
 from .data import CutPasteDataset, EpochSampler, PlainTiles, TileSet, load_tiles, training_mpp
+from .calibration import calibrate_holdout
 from .ews import weights_for
+from .holdout import split_holdout
 from .losses import reconstruction_loss
 from ..model.device import resolve_device
 
 log = logging.getLogger(__name__)
 
 #: Config fields that must match for ``--resume`` (device, workers and max_steps may change between runs).
-RESUME_KEYS = ("preset", "epochs", "samples_per_epoch", "batch_size", "backbone_weights", "seed", "lr", "weight_decay", "jitter")
+RESUME_KEYS = ("preset", "epochs", "samples_per_epoch", "batch_size", "backbone_weights", "seed", "lr", "weight_decay", "jitter", "val_fraction")
 RESUME_FORMAT = "wsi-haloae-resume/1"
 
 
@@ -228,6 +230,8 @@ def run_train(cfg: TrainConfig) -> Path:
         raise BadInputError(f"{resume_path}: no resume file to continue from (run without --resume to start)")
     tiles = load_tiles(cfg.tiles)
     fingerprint = _fingerprint(cfg, tiles)
+    holdout = split_holdout(tiles, cfg.val_fraction, cfg.seed)  # calibration tiles: out of training and mean map
+    tiles = holdout.train
 
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.preset, cfg.backbone_weights, seed=cfg.seed).to(device)
@@ -289,6 +293,7 @@ def run_train(cfg: TrainConfig) -> Path:
             raise
 
     mean_map = training_mean_map(model, tiles, device, batch_size=max(8, 3 * cfg.batch_size), workers=cfg.workers)
+    calibration = calibrate_holdout(model, mean_map, holdout, device, Path(cfg.tiles), max(8, 3 * cfg.batch_size), cfg.workers)
     wall = elapsed_before + time.time() - t0
     metadata = {
         "preset": cfg.preset,
@@ -305,6 +310,8 @@ def run_train(cfg: TrainConfig) -> Path:
         "version": __version__,
         "device": str(device),
         "wall_time_s": round(wall, 1),
+        "holdout": holdout.describe(),
+        "calibration": calibration,
     }
     save_model(out, model, mean_map, metadata)
     resume_path.unlink(missing_ok=True)
