@@ -59,6 +59,13 @@ def test_three_slides_keep_two_for_training(tmp_path):
     assert h.mode == "slides" and len(h.slides) == 1 and len(_slides_of(ts, h.train.index)) == 2
 
 
+def test_half_of_the_slides_at_val_fraction_one_half(tmp_path):
+    # 6 slides, --val-fraction 0.5: whole slides up to about half of the tiles (a little more is fine)
+    ts = tileset(tmp_path / "t", {f"s{i}": 23 + (i % 2) for i in range(6)})
+    h = split_holdout(ts, 0.5, seed=0)
+    assert h.mode == "slides" and 3 <= len(h.slides) <= 4 and len(_slides_of(ts, h.train.index)) >= 2
+
+
 def test_tiles_held_out_with_two_slides_or_no_manifest(tmp_path, caplog):
     ts = tileset(tmp_path / "two", {"a": 150, "b": 150})
     with caplog.at_level(logging.INFO, logger="wsi_haloae.train.holdout"):
@@ -72,11 +79,14 @@ def test_tiles_held_out_with_two_slides_or_no_manifest(tmp_path, caplog):
     assert not set(h.calibration.index) & set(h.train.index)
 
 
-def test_a_dominating_slide_falls_back_to_tiles(tmp_path):
+def test_slides_of_unequal_size(tmp_path):
     ts = tileset(tmp_path / "t", {"big": 500, "a": 30, "b": 30})
     h = split_holdout(ts, 0.1, seed=0)
     # 10 % = 56 tiles: a or b (30) is taken first, or both; never the big one
     assert h.mode == "slides" and "big" not in " ".join(h.slides)
+    ts = tileset(tmp_path / "v", {"big": 500, "a": 400, "b": 300})
+    h = split_holdout(ts, 0.1, seed=0)  # every slide is over twice 10 %; the smallest (300 of 1200) is taken
+    assert h.mode == "slides" and h.slides == ["/slides/b.svs"]
     ts = tileset(tmp_path / "u", {"big": 500, "a": 200, "b": 200})
     h = split_holdout(ts, 0.05, seed=0)  # the smallest slide (200 of 900) is > twice 5 %: it is still one slide
     assert h.mode == "slides" and len(h.calibration) == 200

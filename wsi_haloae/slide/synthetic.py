@@ -10,9 +10,8 @@ memory at a time, and background tiles compress to almost nothing.
 Two textures: ``mirror`` (the image mirror-tiled, period 1024 px, the demo's) and ``patchwork`` (square
 patches of ``PATCH`` px, each a seeded random crop of the image, flipped/transposed at random): with
 ``patchwork`` no two slides of different ``seed`` share a tile, which is what calibration tests need (normal
-tissue the model never saw). Two anomaly kinds: ``stain`` (channels permuted, darkened) and ``dense`` (the same
-tissue at half scale: cells half as large and four times as many per area, colours unchanged, patch seams
-where they would be).
+tissue the model never saw). Two anomaly kinds: ``stain`` (channels permuted, darkened; the demo's) and
+``blood`` (a haemorrhage: the tissue's texture recoloured dark red to pink, as red blood cells look).
 
 The file is a tiled TIFF with reduced-resolution levels as separate IFDs (what OpenSlide's generic-TIFF
 reader sees as a pyramid) and TIFF resolution tags in centimetres, from which OpenSlide derives
@@ -31,7 +30,7 @@ from ..fileio import atomic_output
 
 GLASS = np.array([242, 240, 244], dtype=np.uint8)
 TEXTURES = ("mirror", "patchwork")
-ANOMALY_KINDS = ("stain", "dense", "blur", "fold")
+ANOMALY_KINDS = ("stain", "blood")
 #: Side of one patchwork patch in level-0 px: not a divisor of 256, so patch seams fall anywhere in a tile.
 PATCH = 192
 
@@ -68,7 +67,7 @@ class SyntheticSlideSpec:
     seed: int = 0
     extra: dict = field(default_factory=dict)
     texture: str = "mirror"  # "mirror" | "patchwork" (seeded by ``seed``)
-    anomaly_kind: str = "stain"  # "stain" | "dense"
+    anomaly_kind: str = "stain"  # "stain" | "blood"
 
     def __post_init__(self) -> None:
         if self.texture not in TEXTURES:
@@ -127,18 +126,16 @@ def render_region(spec: SyntheticSlideSpec, x: int, y: int, w: int, h: int, down
         return out
     # the texture is sampled at level-0 resolution; at lower levels we point-sample it (enough for a pyramid
     # used for thumbnails and tissue detection)
-    pix = _sample(spec, xs, ys, 1)
+    pix = _sample(spec, xs, ys)
     out[tissue] = pix[tissue]
     if spec.anomalies:
         an = _inside(spec.anomalies, X, Y) & tissue
         if an.any():
-            if spec.anomaly_kind == "dense":
-                out[an] = _sample(spec, xs, ys, 2)[an]
-            elif spec.anomaly_kind == "blur":
-                out[an] = _sample(spec, xs, ys, 1, blurred=True)[an]
-            elif spec.anomaly_kind == "fold":
-                other = _sample(spec, xs + 97, ys + 53, 1).astype(np.float32)
-                out[an] = (pix.astype(np.float32) * other / 255.0)[an].astype(np.uint8)
+            if spec.anomaly_kind == "blood":
+                # a haemorrhage: the tissue's texture recoloured from dark red to pink (red blood cells)
+                g = pix[an].astype(np.float32).mean(axis=1, keepdims=True) / 255.0
+                dark, light = np.array([140, 15, 30], np.float32), np.array([240, 150, 160], np.float32)
+                out[an] = (dark + (light - dark) * g).astype(np.uint8)
             else:
                 p = pix[an].astype(np.int16)
                 # permute the stain channels and darken: brown/blue IHC becomes dense purple-green tissue
@@ -158,34 +155,25 @@ def _mix(a: np.ndarray, b: np.ndarray, seed: int) -> np.ndarray:
         return x ^ (x >> np.uint64(31))
 
 
-@lru_cache(maxsize=1)
-def _blurred() -> np.ndarray:
-    from scipy.ndimage import gaussian_filter
-
-    return gaussian_filter(_texture(), sigma=(4, 4, 0), mode="wrap")
-
-
-def _sample(spec: SyntheticSlideSpec, xs: np.ndarray, ys: np.ndarray, zoom: int, blurred: bool = False) -> np.ndarray:
-    """Texture pixels (len(ys), len(xs), 3) at level-0 coordinates; ``zoom`` 2 shows the tissue at half scale
-    (each patchwork patch then covers twice the source image, the patch seams stay where they are)."""
+def _sample(spec: SyntheticSlideSpec, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
+    """Texture pixels (len(ys), len(xs), 3) at level-0 coordinates."""
     xi = np.floor(xs).astype(np.int64)[None, :]
     yi = np.floor(ys).astype(np.int64)[:, None]
     if spec.texture == "mirror":
         tex = _texture()
         period = tex.shape[0]
-        return tex[(yi * zoom) % period, (xi * zoom) % period]
-    src = (_blurred() if blurred else _texture())[:512, :512]  # the original image (the mirror's top-left quarter)
-    size = PATCH * zoom  # source pixels a patch shows
-    h = _mix(yi // PATCH, xi // PATCH, spec.seed * 2 + (zoom - 1))
-    span = np.uint64(src.shape[0] - size + 1)
+        return tex[yi % period, xi % period]
+    src = _texture()[:512, :512]  # the original image (the mirror's top-left quarter)
+    h = _mix(yi // PATCH, xi // PATCH, spec.seed)
+    span = np.uint64(src.shape[0] - PATCH + 1)
     ox = (h % span).astype(np.int64)
     oy = ((h >> np.uint64(20)) % span).astype(np.int64)
     t = (h >> np.uint64(40)).astype(np.int64)
-    u = np.broadcast_to((xi % PATCH) * zoom, h.shape)
-    v = np.broadcast_to((yi % PATCH) * zoom, h.shape)
+    u = np.broadcast_to(xi % PATCH, h.shape)
+    v = np.broadcast_to(yi % PATCH, h.shape)
     u, v = np.where(t & 1, v, u), np.where(t & 1, u, v)  # transpose
-    u = np.where(t & 2, size - 1 - u, u)  # flips
-    v = np.where(t & 4, size - 1 - v, v)
+    u = np.where(t & 2, PATCH - 1 - u, u)  # flips
+    v = np.where(t & 4, PATCH - 1 - v, v)
     return src[oy + v, ox + u]
 
 
@@ -237,10 +225,11 @@ def anomaly_mask(spec: SyntheticSlideSpec, x: int, y: int, w: int, h: int, downs
     ys = y + (np.arange(h, dtype=np.float64) + 0.5) * downsample
     return _inside(spec.anomalies, xs[None, :], ys[:, None]) & _inside(spec.islands, xs[None, :], ys[:, None])
 
+
 def patchwork_spec(seed: int, size: int = 2048, mpp: float = 0.5, anomaly_radius: float = 0.0,
-                   anomaly_kind: str = "dense") -> SyntheticSlideSpec:
+                   anomaly_kind: str = "blood") -> SyntheticSlideSpec:
     """A square slide filled by one round island of patchwork tissue (``seed`` picks its patches), with a planted
-    anomaly disc of ``anomaly_radius`` level-0 px (none when 0) centred a quarter radius off the middle.
+    anomaly disc of ``anomaly_radius`` level-0 px (none when 0) centred off the middle, inside the island.
 
     Slides of different seeds show the same tissue but never the same tile: normal slides for calibration
     checks (train on some, calibrate on others, score new ones).

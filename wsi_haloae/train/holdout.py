@@ -108,7 +108,7 @@ def _pick_slides(sizes: dict[str, int], fraction: float, rng: np.random.Generato
         if count + sizes[s] <= cap:
             held.append(s)
             count += sizes[s]
-    if not held:  # every slide alone holds more than twice the share: the smallest one
+    if not held:  # every slide alone holds more than twice the share: the smallest (<= a third of the tiles)
         held = [min(order, key=lambda s: sizes[s])]
     return held
 
@@ -137,9 +137,6 @@ def _split(tiles: TileSet, fraction: float, seed: int) -> Holdout:
     if len(known) == n and len(distinct) >= MIN_SLIDES:
         sizes = {s: known.count(s) for s in distinct}
         held_slides = _pick_slides(sizes, fraction, rng)
-        if sum(sizes[s] for s in held_slides) > n / 2:
-            why_tiles = f"one slide holds more than half of the {n} tiles"
-            held_slides = []
     elif len(known) < n:
         why_tiles = ("the tiles do not record their slide (no tiles.csv from `wsi-haloae tiles`)" if not known else
                      f"{n - len(known)} of {n} tiles are not in a tiles.csv")
