@@ -151,6 +151,21 @@ def test_calibrate_refuses_bad_requests_before_writing(trained, tmp_path):
     assert file_sha256(model) == sha and not (tmp_path / "o.safetensors").exists() and not out.exists()
 
 
+def test_calibrating_on_the_training_tiles_warns(trained, tmp_path, monkeypatch, caplog):
+    import logging
+
+    from wsi_haloae.train import calibration
+
+    tiles, model, _ = trained
+    monkeypatch.setattr(calibration, "calibrate", lambda *a, **k: None)  # stop before scoring: the warning is the point
+    with caplog.at_level(logging.WARNING):
+        r = CliRunner().invoke(main, ["calibrate", "--model", str(model), "--tiles", str(tiles), "--out",
+                                      str(tmp_path / "o.safetensors"), "--device", "cpu"])
+    assert r.exit_code == 2 and "no calibration written" in r.stderr
+    assert "the tiles the model was trained on" in caplog.text
+    assert not (tmp_path / "o.safetensors").exists()
+
+
 def test_tampered_calibration_is_a_bad_model_file(trained, tmp_path):
     _, model, _ = trained
     block = load_model(model).metadata["calibration"]

@@ -64,6 +64,10 @@ def run_calibrate(cfg: CalibrateConfig) -> Calibration:
         _enough(len(find_images(tile_root(folder))), tile_root(folder), "image files")
         tiles = load_tiles(folder, progress=cfg.progress)
         _enough(len(tiles), tiles.root, "readable tiles")
+        if str(tiles.root.resolve()) == str(loaded.metadata.get("data")):
+            log.warning("%s: these are the tiles the model was trained on; it scores them lower than new tissue, so "
+                        "p-values from this calibration will be too small (too many calls): use other normal slides",
+                        tiles.root)
         slides = sorted({s for s in tile_slides(tiles) if s})
         old = Calibration.from_metadata(loaded.metadata, f"model file {model_path}")
         provenance = {

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import logging
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -135,7 +136,8 @@ def _split(tiles: TileSet, fraction: float, seed: int) -> Holdout:
     held_slides: list[str] = []
     why_tiles = ""
     if len(known) == n and len(distinct) >= MIN_SLIDES:
-        sizes = {s: known.count(s) for s in distinct}
+        counts = Counter(known)
+        sizes = {s: counts[s] for s in distinct}
         held_slides = _pick_slides(sizes, fraction, rng)
     elif len(known) < n:
         why_tiles = ("the tiles do not record their slide (no tiles.csv from `wsi-haloae tiles`)" if not known else
@@ -147,8 +149,9 @@ def _split(tiles: TileSet, fraction: float, seed: int) -> Holdout:
         hs = set(held_slides)
         mask = np.array([s in hs for s in slides])
         mode = "slides"
+        names = ", ".join(Path(s).name for s in held_slides[:5]) + (", ..." if len(held_slides) > 5 else "")
         what = (f"{len(held_slides)} of {len(distinct)} slides ({int(mask.sum())} of {n} tiles, "
-                f"{100 * mask.mean():.1f} %): {', '.join(Path(s).name for s in held_slides)}")
+                f"{100 * mask.mean():.1f} %): {names}")
     else:
         k = int(round(fraction * n))
         mask = np.zeros(n, bool)
