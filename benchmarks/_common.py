@@ -107,13 +107,14 @@ def base_parser(description: str) -> argparse.ArgumentParser:
 
 
 def resolve_device(name: str):
-    import torch
+    """The package's one ``--device`` parser; a device this machine lacks ends the benchmark in one line."""
+    from wsi_haloae.errors import UserError
+    from wsi_haloae.model.device import resolve_device as resolve
 
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        sys.exit("error: --device cuda: no CUDA device here")
-    return torch.device(name)
+    try:
+        return resolve(name)
+    except UserError as exc:
+        sys.exit(f"error: {exc}")
 
 
 def start(name: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -201,3 +202,49 @@ def make_model_file(preset: str, workdir: Path, mpp: float | None = None) -> Pat
         fm = model.config.fm_size
         save_model(path, model, torch.zeros(fm, fm), {"mpp": mpp, "note": "benchmark model, random weights"})
     return path
+
+
+def quick_mvtec(dest: Path, source: Path | None = None, n_train: int = 4, n_test: int = 4) -> Path:
+    """A few-image MVTec-AD-layout folder for smoke runs (``--quick``, ``gpu_check.sh --dry-run``): the first
+    ``n_train`` training images and ``n_test`` test images spread over the defect kinds of ``source`` when it
+    exists, else crops of scikit-image's IHC image with planted dark patches and their masks."""
+    import shutil
+
+    import numpy as np
+    from PIL import Image
+
+    shutil.rmtree(dest, ignore_errors=True)
+    (dest / "train" / "good").mkdir(parents=True)
+    images = lambda d: sorted(f for f in d.iterdir() if f.suffix.lower() in (".png", ".jpg", ".jpeg"))  # noqa: E731
+    if source is not None and (source / "train" / "good").is_dir() and (source / "test").is_dir():
+        for f in images(source / "train" / "good")[:n_train]:
+            shutil.copy(f, dest / "train" / "good" / f.name)
+        kinds = sorted((d for d in (source / "test").iterdir() if d.is_dir()), key=lambda d: (d.name != "good", d.name))
+        per_kind = [images(d) for d in kinds]
+        tests = [files[i] for i in range(n_test) for files in per_kind if i < len(files)][:n_test]  # good first, then each defect
+        for f in tests:
+            (dest / "test" / f.parent.name).mkdir(parents=True, exist_ok=True)
+            shutil.copy(f, dest / "test" / f.parent.name / f.name)
+            mask = source / "ground_truth" / f.parent.name / f"{f.stem}_mask.png"
+            if mask.is_file():
+                (dest / "ground_truth" / f.parent.name).mkdir(parents=True, exist_ok=True)
+                shutil.copy(mask, dest / "ground_truth" / f.parent.name / mask.name)
+        return dest
+    from skimage.data import immunohistochemistry
+
+    im = immunohistochemistry()
+    crops = [im[y : y + 256, x : x + 256] for y in (0, 256) for x in (0, 128, 256)]
+    for i in range(n_train):
+        Image.fromarray(np.ascontiguousarray(crops[i % len(crops)])).save(dest / "train" / "good" / f"{i:03d}.png")
+    for i in range(n_test):
+        img = np.ascontiguousarray(np.fliplr(crops[(i + 1) % len(crops)])).copy()
+        kind = "good" if i % 2 == 0 else "dark"
+        (dest / "test" / kind).mkdir(parents=True, exist_ok=True)
+        if kind == "dark":
+            mask = np.zeros(img.shape[:2], np.uint8)
+            mask[80:160, 96:176] = 255
+            img[mask > 0] = (img[mask > 0] * 0.4).astype(np.uint8)
+            (dest / "ground_truth" / kind).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(mask).save(dest / "ground_truth" / kind / f"{i:03d}_mask.png")
+        Image.fromarray(img).save(dest / "test" / kind / f"{i:03d}.png")
+    return dest

@@ -4,7 +4,7 @@ The slide is CMU-1-Small-Region.svs (real H&E, Aperio) mirror-tiled into a large
 IHC slide when ../shared/data is absent). ``run_infer`` records the synchronised seconds spent in the model
 beside the end-to-end seconds, so both rates come from one run on one device and their ratio is the pipeline's
 overhead. The main thread is profiled with cProfile (setup, waiting for tiles, model, handing maps to the
-writer, pyramid, extras), the writer thread's busy time is measured by wrapping ``ChunkAssembler.add``, and
+writer, pyramid, extras), the writer thread's busy time is measured by wrapping ``MapAssembler.add``, and
 the reader workers' CPU time comes from ``getrusage(RUSAGE_CHILDREN)``.
 
     python benchmarks/bench_infer.py [--quick] [--out results.json] [--size 8192] [--workers 0,1,2]
@@ -32,18 +32,20 @@ STAGES = [
     ("open slide", "reader.py", "open_slide"),
     ("tissue mask + grid", "grid.py", "build_grid"),
     ("tile loop (total)", "engine.py", "_run_tiles"),
+    ("  batch memory probe (one tile)", "batch.py", "bytes_per_tile"),
     ("  wait for tiles (DataLoader)", "dataloader.py", "__next__"),
     ("  model anomaly_map", "haloae.py", "anomaly_map"),
     ("  post-process", "anomaly_map.py", "postprocess"),
     ("  hand to writer (queue full)", "engine.py", "put"),
     ("  drain writer at end", "engine.py", "close"),
     ("new store", "writers.py", "open_new_store"),
-    ("chunk assembler set-up", "writers.py", "__init__"),  # ChunkAssembler is the only class there with one
+    ("map assembler set-up", "assembler.py", "__init__"),  # MapAssembler is the only class there with one
     ("write tables", "engine.py", "_write_tables"),
     ("map pyramid", "writers.py", "build_pyramid"),
     ("OME-NGFF metadata", "writers.py", "write_multiscales"),
     ("extras (tiff/geojson/preview)", "engine.py", "_write_extras"),
-    ("finalize (marker + rename)", "writers.py", "finalize"),
+    ("completion marker", "writers.py", "mark_complete"),
+    ("publish (renames)", "fileio.py", "publish"),
 ]
 
 
@@ -58,13 +60,13 @@ def stage_times(prof: cProfile.Profile, wall: float) -> dict[str, float]:
 
 
 class _BusyClock:
-    """Wraps ChunkAssembler.add to add up the writer thread's busy seconds (thread CPU clock and wall)."""
+    """Wraps MapAssembler.add to add up the writer thread's busy seconds (thread CPU clock and wall)."""
 
     def __init__(self) -> None:
-        from wsi_haloae.infer import writers
+        from wsi_haloae.infer import assembler
 
-        self.writers = writers
-        self.orig = writers.ChunkAssembler.add
+        self.assembler = assembler
+        self.orig = assembler.MapAssembler.add
         self.wall = 0.0
         self.lock = threading.Lock()
 
@@ -79,16 +81,16 @@ class _BusyClock:
                 with clock.lock:
                     clock.wall += time.perf_counter() - t
 
-        self.writers.ChunkAssembler.add = add
+        self.assembler.MapAssembler.add = add
         return self
 
     def __exit__(self, *exc) -> None:
-        self.writers.ChunkAssembler.add = self.orig
+        self.assembler.MapAssembler.add = self.orig
 
 
 def run_once(slide: Path, model: Path, workdir: Path, workers: int, batch: int, device: str, mpp: float | None,
              extras: bool, profile: bool) -> dict:
-    from wsi_haloae.config import InferConfig
+    from wsi_haloae.config import InferConfig, InferOptions
     from wsi_haloae.infer.engine import run_infer
 
     out = workdir / f"infer-{slide.stem}-w{workers}.zarr"
@@ -96,8 +98,9 @@ def run_once(slide: Path, model: Path, workdir: Path, workers: int, batch: int, 
     ex = {}
     if extras:
         ex = dict(tiff=workdir / "bench.ome.tif", geojson=workdir / "bench.geojson", preview=workdir / "bench.png")
-    cfg = InferConfig(slide=slide, model=model, out=out, batch_size=batch, workers=workers, device=device, mpp=mpp,
-                      overwrite=True, progress=False, **ex)
+    cfg = InferConfig(slide=slide, model=model, out=out, outputs=ex, overwrite=True,
+                      options=InferOptions(batch_size=batch, workers=workers, device=str(device), mpp=mpp,
+                                           progress=False))
     ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     c0 = _common.cpu_seconds()
     prof = cProfile.Profile() if profile else None

@@ -6,7 +6,7 @@ which the pipeline must not have. Slides are written sparsely (background tiles 
 under 50 MB on disk. RSS is polled with psutil (main process, and main + reader workers) and cross-checked with
 the exact ``ru_maxrss`` from wait4; on CUDA the GPU memory in use is polled with nvidia-smi.
 
-    python benchmarks/bench_memory.py [--quick] [--out results.json] [--sizes 10000,40000,100000]
+    python benchmarks/bench_memory.py [--quick] [--out results.json] [--sizes 10000,40000,100000] [--overlap 0.5]
 """
 
 from __future__ import annotations
@@ -106,18 +106,19 @@ def measure(cmd: list[str], poll_s: float = 0.02, gpu: bool = False) -> dict:
 def main() -> None:
     p = _common.base_parser(__doc__.split("\n\n")[0])
     p.add_argument("--sizes", help="Comma-separated slide sides in px (default 10000,40000,100000; quick 1024,2048).")
-    p.add_argument("--radius", type=int, default=None, help="Island radius in px (default 450; quick 200).")
+    p.add_argument("--radius", type=int, default=None, help="Island radius in px (default 450; quick 125).")
     p.add_argument("--preset", default="tiny")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--extras", action="store_true", help="Also write the OME-TIFF, GeoJSON and preview.")
+    p.add_argument("--overlap", default="0", help="infer --overlap (the blending buffers hold twice the bytes per chunk).")
     p.add_argument("--workdir", type=Path, default=_common.DEFAULT_WORKDIR)
     args = p.parse_args()
     t0 = time.perf_counter()
     result = _common.start("bench_memory", args)
     device = _common.resolve_device(args.device)
     sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else ([1024, 2048] if args.quick else [10000, 40000, 100000])
-    radius = args.radius or (200 if args.quick else 450)
+    radius = args.radius or (125 if args.quick else 450)  # quick: islands clear of the 1024 slide's edges
     args.workdir.mkdir(parents=True, exist_ok=True)
     model = _common.make_model_file(args.preset, args.workdir)
     for size in sizes:
@@ -128,7 +129,7 @@ def main() -> None:
         shutil.rmtree(out, ignore_errors=True)
         cmd = [sys.executable, "-c", "from wsi_haloae.cli import main; main()", "infer", str(slide), "--model", str(model),
                "--out", str(out), "--device", str(device), "--workers", str(args.workers),
-               "--batch-size", str(args.batch_size), "--overwrite"]
+               "--batch-size", str(args.batch_size), "--overlap", args.overlap, "--overwrite"]
         extras = []
         if args.extras:
             extras = [args.workdir / f"mem-{size}.ome.tif", args.workdir / f"mem-{size}.geojson", args.workdir / f"mem-{size}.png"]
@@ -140,6 +141,7 @@ def main() -> None:
         attrs = json.loads((out / ".zattrs").read_text())["wsi_haloae"]
         row = {"size": size, "megapixels": size * size / 1e6, "slide_mb": slide.stat().st_size / 1e6,
                "slide_prepare_s": prep, "tiles": attrs["tiles"]["tissue"], "grid": attrs["tiles"]["grid"],
+               "overlap": attrs.get("overlap", 0.0), "windows": (attrs.get("windows") or {}).get("n"),
                "map_shape": attrs["map"]["shape"], "store_mb": _du(out) / 1e6,
                "extras_mb": sum(_du(e) for e in extras) / 1e6 if extras else None,
                "infer_s": attrs.get("seconds"), **{k: v for k, v in m.items() if k != "stderr_tail"}}
@@ -155,7 +157,7 @@ def main() -> None:
     for r in rows:
         r["rss_vs_smallest"] = r["peak_rss_mb"] / base["peak_rss_mb"]
         r["tree_vs_smallest"] = r["peak_tree_rss_mb"] / base["peak_tree_rss_mb"]
-    _common.print_table(rows, ["size", "megapixels", "slide_mb", "tiles", "map_shape", "wall_s", "peak_rss_mb",
+    _common.print_table(rows, ["size", "megapixels", "slide_mb", "tiles", "windows", "map_shape", "wall_s", "peak_rss_mb",
                                "peak_tree_rss_mb", "ru_maxrss_mb", "gpu_peak_mib", "store_mb", "rss_vs_smallest",
                                "tree_vs_smallest"])
     last = rows[-1]

@@ -99,7 +99,7 @@ def main() -> None:
     from scipy.stats import kstest
 
     from wsi_haloae.calibrate import run_calibrate
-    from wsi_haloae.config import CalibrateConfig, InferConfig, TilesConfig, TrainConfig
+    from wsi_haloae.config import CalibrateConfig, InferConfig, InferOptions, TilesConfig, TrainConfig
     from wsi_haloae.infer.engine import run_infer
     from wsi_haloae.model.checkpoint import load_model
     from wsi_haloae.scoring import Calibration
@@ -152,8 +152,9 @@ def main() -> None:
         slide = work / f"{name}.tif"
         write_synthetic_slide(slide, spec)
         out = work / f"{name}.zarr"
-        run_infer(InferConfig(slide=slide, model=model, out=out, workers=0, batch_size=16, device=dev,
-                              overwrite=True, progress=False), loaded=loaded)
+        run_infer(InferConfig(slide=slide, model=model, out=out, overwrite=True,
+                              options=InferOptions(workers=0, batch_size=16, device=dev, progress=False)),
+                  loaded=loaded)
         for cname, cal in cals.items():
             row = {"calibration": cname, "n": cal.n, **slide_figures(out, cal, args.alpha,
                                                                      spec if spec.anomalies else None)}

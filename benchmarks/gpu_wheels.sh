@@ -1,17 +1,18 @@
 #!/usr/bin/env bash
 # Download, HERE (where pip can reach PyPI), the wheels the device machine lacks for the benchmarks, into .whl/
-# (git-ignored via .git/info/exclude). The device image has torch, numpy, scikit-image, tifffile, click, tqdm,
-# safetensors, psutil, fsspec, toolz, pyyaml, cloudpickle, aiohttp, requests; it lacks OpenSlide, zarr 2,
-# ome-zarr, dask and imagecodecs. Versions follow what is installed here. Then call the device tool's run with
-# carry [".whl"] and command "benchmarks/gpu_check.sh" (it installs .whl/*.whl into /tmp/site itself).
+# (git-ignored). The device image has torch, numpy, scipy, scikit-image, scikit-learn, tifffile, matplotlib,
+# click, tqdm, safetensors, psutil, pytest, fsspec, toolz, pyyaml, cloudpickle, aiohttp, requests; it lacks
+# OpenSlide, zarr 3, ome-zarr, dask, imagecodecs and shapely. Versions follow what is installed here. Then
+# prepare the data (benchmarks/gpu_prepare.py -> .gpudata/) and call the device tool's run with carry
+# [".whl", ".gpudata"] and command "benchmarks/gpu_check.sh" (it installs .whl/*.whl into /tmp/site itself).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
 dest=${1:-.whl}
 mkdir -p "$dest"
 ver() { python -c "import importlib.metadata as m; print(m.version('$1'))"; }
-pkgs=(openslide-python openslide-bin zarr numcodecs asciitree fasteners deprecated ome-zarr dask partd locket
-      importlib-metadata imagecodecs)
+pkgs=(openslide-python openslide-bin zarr numcodecs donfig google-crc32c deprecated ome-zarr ome-zarr-models
+      pydantic pydantic-core pydantic-zarr annotated-types typing-inspection rangehttpserver dask partd locket
+      importlib-metadata imagecodecs shapely)
 plat=(--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64
       --platform manylinux2014_x86_64 --platform manylinux1_x86_64 --platform manylinux_2_24_x86_64)
 for p in "${pkgs[@]}"; do

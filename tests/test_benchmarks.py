@@ -88,12 +88,71 @@ def test_bench_reader_quick(tmp_path, workdir):
 
 def test_bench_train_quick(tmp_path, workdir):
     res = run_bench("bench_train", tmp_path, "--workdir", str(workdir), workdir=workdir)
-    (r,) = res["rows"]
-    assert r["preset"] == "tiny" and r["steps"] == 1 and r["images_per_step"] == 3
-    assert r["images_per_s"] > 0
+    rows = res["rows"]
+    assert [(r["kind"], r["channels_last"]) for r in rows] == [("default", False), ("lever", True)]
+    for r in rows:
+        assert "error" not in r, r
+        assert r["preset"] == "tiny" and r["steps"] == 1 and r["images_per_step"] == 3 and r["dtype"] == "fp32"
+        assert r["images_per_s"] > 0 and r["tflop_per_s"] > 0 and r["vgg_s_per_step"] > 0
+        # FLOPs of a training step counted on the meta device: tiny, 3 images, ~27 GFLOP each
+        assert 50 < r["gflop_per_step"] < 120
+    assert res["matmul_peak_flops"]["fp32"] > 0
+
+
+def test_ssim_constants_quick(tmp_path):
+    res = run_bench("ssim_constants", tmp_path)
+    assert res["preset"] == "tiny" and res["images"] == 2
+    assert 0 <= res["frac_var_below_c2_new"] <= res["frac_var_below_c2_old"] <= 1
+    names = [r["degradation"] for r in res["rows"]]
+    assert len(names) == 3
+    for r in res["rows"]:  # the fixed constants never make a degraded reconstruction look more similar
+        assert 0 < r["one_minus_ssim_old"] <= r["one_minus_ssim_new"] + 1e-6
 
 
 def test_gpu_check_script_is_valid_bash():
     script = BENCH / "gpu_check.sh"
     assert os.access(script, os.X_OK)
     subprocess.run(["bash", "-n", str(script)], check=True)
+
+
+def test_bench_maps_quick(tmp_path, workdir):
+    res = run_bench("bench_maps", tmp_path, workdir=workdir)
+    rows = res["rows"]
+    assert {r["grid"] for r in rows} == {"whole tiles only", "whole + edge tiles"} and len(rows) == 8
+    for r in rows:
+        assert 0 < r["tissue_scored"] <= 1 and r["windows"] >= r["grid_tiles"] > 0
+
+
+def test_bench_seams_quick(tmp_path, workdir):
+    res = run_bench("bench_seams", tmp_path, "--workdir", str(workdir), workdir=workdir)
+    rows = res["rows"]
+    assert [r["overlap"] for r in rows] == [0.0, 0.5]
+    for r in rows:
+        assert r["tiles"] > 0 and r["windows"] >= r["tiles"] and r["tiles_per_s"] > 0
+        assert r["seam_inner"] > 0 and r["seam_ratio"] > 0 and 0 < r["scored_fraction"] <= 1
+    assert rows[1]["windows"] > rows[0]["windows"]
+
+
+def test_gpu_check_dry_run(tmp_path, workdir):
+    """The GPU check's plan runs end to end at trivial size on the CPU and lands in one JSON with every step."""
+    out = tmp_path / "gpu"
+    env = dict(os.environ, PYTHON=sys.executable, WSI_HALOAE_BENCH_DIR=str(workdir), PYTHONUNBUFFERED="1",
+               GPU_CHECK_PYTEST_ARGS="-k halo_attention")  # the quickest CUDA tests, here on the CPU
+    p = subprocess.run([str(BENCH / "gpu_check.sh"), "--dry-run", str(out)], cwd=REPO, env=env, capture_output=True,
+                       text=True, timeout=1500)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-2000:]
+    lines = p.stdout.splitlines()
+    assert lines[0].startswith("# benchmarks/gpu_check.sh --dry-run") and "plan (dry run" in lines[1]
+    assert (out / "gpu_check.log").read_text() == p.stdout
+    res = json.loads((out / "gpu_check.json").read_text())
+    assert res["dry_run"] is True and res["complete"] is True
+    assert [s["name"] for s in res["steps"]] == ["setup", "tests", "model", "infer", "train", "compare"]
+    assert all(s["rc"] == 0 and not s["timed_out"] and s["seconds"] >= 0 for s in res["steps"])
+    t = res["tests"]
+    assert t["ran"] and t["passed"] >= 2 and t["failures"] == t["errors"] == 0
+    for key in ("model", "infer", "train"):
+        assert res[key]["rows"] and res[key]["quick"] is True, key
+    cmp = res["attention_compare"]
+    assert [r["attention"] for r in cmp["rows"]] == ["halo", "authors-mask"] and all(r["steps"] == 1 for r in cmp["rows"])
+    assert res["summary"]["train_tiny_images_per_s"] > 0 and res["summary"]["anomaly_map_tiny_bf16_tiles_per_s"] > 0
+    assert res["machine"]["device"] == "cpu"

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from scipy.stats import kstest
 
-from wsi_haloae.config import InferConfig, TilesConfig, TrainConfig
+from wsi_haloae.config import InferConfig, InferOptions, TilesConfig, TrainConfig
 from wsi_haloae.infer.engine import run_infer
 from wsi_haloae.infer.writers import open_store, read_attrs
 from wsi_haloae.model.checkpoint import load_model
@@ -48,7 +48,8 @@ def experiment(tmp_path_factory):
                        ("planted", patchwork_spec(60, SIZE, anomaly_radius=0.3 * SIZE))):
         slide = write_synthetic_slide(work / f"{name}.tif", spec)
         out = work / f"{name}.zarr"
-        run_infer(InferConfig(slide=slide, model=model, out=out, workers=0, batch_size=8, device="cpu", progress=False),
+        run_infer(InferConfig(slide=slide, model=model, out=out,
+                              options=InferOptions(workers=0, batch_size=8, device="cpu", progress=False)),
                   loaded=loaded)
         stores[name] = (out, spec)
     return cal, stores

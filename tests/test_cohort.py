@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from conftest import shared_path
-from wsi_haloae.config import CohortConfig
+from wsi_haloae.config import CohortConfig, InferOptions
 from wsi_haloae.errors import BadInputError
 
 CLI = [sys.executable, "-m", "wsi_haloae.cli", "cohort"]
@@ -100,14 +100,15 @@ def test_manifest_columns_relative_paths_and_errors(tmp_path):
 
     (tmp_path / "imgs").mkdir()
     m = tmp_path / "cohort.csv"
-    m.write_text("Slide,id,mpp\nimgs/a.svs,case-1,0.25\n/abs/b.ndpi,,\n\n")
+    m.write_text("Slide,id,mpp,slide_mpp\nimgs/a.svs,case-1,0.25,\n/abs/b.ndpi,,,0.23\n\n")
     got = collect_slides(str(m))
-    assert [(e.id, e.mpp) for e in got] == [("case-1", 0.25), ("b", None)]
+    assert [(e.id, e.mpp, e.slide_mpp) for e in got] == [("case-1", 0.25, None), ("b", None, 0.23)]
     assert got[0].path == (tmp_path / "imgs" / "a.svs").resolve()  # relative to the manifest, not the cwd
     assert got[1].path == Path("/abs/b.ndpi")
     for text, msg in (("path\na.svs\n", "no 'slide' column"),
                       ("slide,id\na.svs,x\nb.svs,X\n", "already used on line 2"),
                       ("slide,mpp\na.svs,fast\n", "not a positive number"),
+                      ("slide,slide_mpp\na.svs,-0.5\n", "slide_mpp '-0.5' is not a positive number"),
                       ("slide,id\na.svs,../up\n", "may only hold")):
         m.write_text(text)
         with pytest.raises(BadInputError, match=msg):
@@ -150,7 +151,7 @@ def test_jobqueue_kwargs_map_gpus_per_scheduler(tmp_path):
     assert name == "LSFCluster" and kw["job_extra_directives"] == ['-gpu "num=2"']
     # defaults: one core per tile reader plus one, memory per worker, a finite walltime
     _, kw = jobqueue_kwargs(CohortConfig(cluster="slurm", slides="x", model=Path("m"), out=tmp_path,
-                                         workers_per_job=2, infer_workers=3))
+                                         workers_per_job=2, options=InferOptions(workers=3)))
     assert (kw["cores"], kw["memory"], kw["processes"], kw["walltime"]) == (8, "16GB", 2, "02:00:00")
     with pytest.raises(BadInputError, match="fewer than --workers-per-job"):
         jobqueue_kwargs(CohortConfig(cluster="slurm", slides="x", model=Path("m"), out=tmp_path, cores=1,
@@ -181,6 +182,8 @@ def test_local_cohort_records_failures_and_resumes(tiny_model, slide_dir, tmp_pa
     p, _ = run_cli(slide_dir, "--model", tiny_model, "--out", out, "--jobs", "1", *FAST)
     assert p.returncode == 1, p.stderr
     assert "1 of 3 slides failed" in p.stderr
+    # issue 13 case 6: a slide's failure is a log line (stderr); stdout stays empty
+    assert "cohort: x failed: " in p.stderr and p.stdout == ""
     rows = read_rows(out)
     assert {k: r["status"] for k, r in rows.items()} == {"syn0": "done", "syn1": "done", "x": "failed"}
     assert "x.svs" in rows["x"]["error"] and "\n" not in rows["x"]["error"]
@@ -221,6 +224,49 @@ def test_local_cohort_records_failures_and_resumes(tiny_model, slide_dir, tmp_pa
     assert "local cluster" not in p.stderr and "2 slides, 0 to run" in p.stderr
     assert {r["status"] for r in read_rows(out).values()} == {"skipped"}
     assert secs < 30
+
+
+def test_local_cohort_resolution_rules_and_no_tissue(tiny_model, slide_dir, tmp_path):
+    """The rules of infer, slide by slide: a slide without mpp fails naming --slide-mpp unless the manifest
+    declares it, a target > 4x finer than level 0 fails, a slide of glass is 'no tissue' (not failed, not
+    done, not hidden on a rerun) and does not make the exit status 1 on its own."""
+    from PIL import Image
+
+    from wsi_haloae.slide.synthetic import Disc, SyntheticSlideSpec, render_region, write_synthetic_slide
+
+    spec = SyntheticSlideSpec(width=600, height=500, islands=(Disc(300, 250, 220),))
+    flat = tmp_path / "flat.png"
+    Image.fromarray(render_region(spec, 0, 0, 600, 500)).save(flat)
+    glass = write_synthetic_slide(tmp_path / "glass.tif", SyntheticSlideSpec(width=800, height=600, islands=()))
+    m = tmp_path / "m.csv"
+    m.write_text(f"slide,id,mpp,slide_mpp\n{glass},glass,,\n{flat},declared,,0.5\n{flat},undeclared,,\n"
+                 f"{slide_dir / 'syn0.tif'},too-fine,0.001,\n")
+    out = tmp_path / "out"
+    p, _ = run_cli(m, "--model", tiny_model, "--out", out, "--jobs", "1", "--no-tiff", *FAST)
+    assert p.returncode == 1, p.stderr
+    rows = read_rows(out)
+    assert {k: r["status"] for k, r in rows.items()} == {"glass": "no tissue", "declared": "done",
+                                                         "undeclared": "failed", "too-fine": "failed"}
+    assert "flat.png does not record its resolution" in rows["undeclared"]["error"]
+    assert "--slide-mpp" in rows["undeclared"]["error"]
+    assert "more than 4x finer" in rows["too-fine"]["error"]
+    assert rows["glass"]["tiles"] == "0" and rows["glass"]["error"] == "" and (out / "glass.png").is_file()
+    assert int(rows["declared"]["tiles"]) > 0
+    assert "1 done, 1 no tissue, 0 skipped, 2 failed of 4 slides" in p.stderr
+    assert "glass: no tissue found" in p.stderr
+    from wsi_haloae.infer.writers import read_attrs
+
+    assert read_attrs(out / "glass.zarr")["status"] == "no tissue"
+    assert read_attrs(out / "declared.zarr")["resolution"]["slide_mpp_declared"] is True
+    # a bad --magnification fails the command before anything runs
+    p, _ = run_cli(m, "--model", tiny_model, "--out", out, "--magnification", "big", *FAST)
+    assert p.returncode == 2 and p.stderr.strip().splitlines()[-1].startswith("error: --magnification")
+    # only complete slides left: no cluster, exit 0; the glass slide is still shown as such
+    m.write_text(f"slide,id,slide_mpp\n{glass},glass,\n{flat},declared,0.5\n")
+    p, _ = run_cli(m, "--model", tiny_model, "--out", out, "--no-tiff", *FAST)
+    assert p.returncode == 0, p.stderr
+    assert {k: r["status"] for k, r in read_rows(out).items()} == {"glass": "no tissue", "declared": "skipped"}
+    assert "0 done, 1 no tissue, 1 skipped, 0 failed" in p.stderr and "local cluster" not in p.stderr
 
 
 def _children(pid: int, marker: str) -> list[int]:

@@ -99,3 +99,25 @@ def test_output_lock_refuses_a_second_process_and_is_released(tmp_path):
 def test_write_text_atomic(tmp_path):
     write_text_atomic(tmp_path / "t.txt", "hello")
     assert (tmp_path / "t.txt").read_text() == "hello"
+
+
+def test_publish_is_all_or_none(tmp_path):
+    from wsi_haloae.fileio import partial_name, publish
+
+    a, b = tmp_path / "a.tif", tmp_path / "b.zarr"
+    a.write_text("old a")
+    b.mkdir()
+    (b / "x").write_text("old b")
+    ta, tb = partial_name(a), partial_name(b)
+    assert ta.name == ".a.tif.partial.tif" and tb.name == ".b.zarr.partial.zarr"
+    ta.write_text("new a")
+    with pytest.raises(OSError):  # the store's temp is missing: nothing may change
+        publish([(ta, a), (tb, b)])
+    assert a.read_text() == "old a" and (b / "x").read_text() == "old b"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.tif", "b.zarr"]  # no .old left behind
+    ta.write_text("new a")
+    tb.mkdir()
+    (tb / "y").write_text("new b")
+    publish([(ta, a), (tb, b)])
+    assert a.read_text() == "new a" and sorted(p.name for p in b.iterdir()) == ["y"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.tif", "b.zarr"]  # the old ones are gone

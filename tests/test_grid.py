@@ -1,4 +1,4 @@
-"""resolve_mpp, tile grids (coordinates, scales, tissue fractions) and QuPath annotation filtering."""
+"""Tile grids (coordinates, scales, tissue fractions) and QuPath annotation filtering."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 
 from conftest import shared_path
-from wsi_haloae.errors import BadInputError, BadSlideError
+from wsi_haloae.errors import BadInputError
 from wsi_haloae.slide.annotations import load_annotations
-from wsi_haloae.slide.grid import build_grid, resolve_mpp
+from wsi_haloae.slide.grid import build_grid
 from wsi_haloae.slide.reader import SlideReader
-from wsi_haloae.slide.synthetic import SyntheticSlideSpec, _inside
+from wsi_haloae.slide.synthetic import GLASS, SyntheticSlideSpec, _inside
 
 
 def _square(x0, y0, x1, y1):
@@ -24,21 +24,6 @@ def _feature(coords, kind="Polygon", cls=None):
     if cls:
         props["classification"] = {"name": cls, "color": [255, 0, 0]}
     return {"type": "Feature", "geometry": {"type": kind, "coordinates": coords}, "properties": props}
-
-
-def test_resolve_mpp(synthetic_slide, tmp_path):
-    r = SlideReader(synthetic_slide)
-    assert resolve_mpp(r, None) == pytest.approx(0.5)
-    assert resolve_mpp(r, 1.0) == 1.0
-    from PIL import Image
-
-    p = tmp_path / "nompp.png"
-    Image.new("RGB", (300, 300), (200, 100, 150)).save(p)
-    flat = SlideReader(p)
-    with pytest.raises(BadSlideError, match=r"nompp\.png.*--mpp"):
-        resolve_mpp(flat, None)
-    assert resolve_mpp(flat, 0.8) == 0.8
-    assert flat.scale_for(0.8) == 1.0  # no mpp on the slide: level 0 is taken to be at the given mpp
 
 
 @pytest.mark.parametrize("mpp, tile, stride, scale, n", [(0.5, 256, None, 1.0, 8), (1.0, 256, None, 2.0, 4),
@@ -114,6 +99,27 @@ def test_annotation_errors_and_bounds_offset(tmp_path):
     assert g.bounds == (100.0, 50.0, 110.0, 60.0)
 
 
+def test_invalid_outlines_keep_all_their_area_and_say_so(synthetic_slide, tmp_path, caplog):
+    """Issue 13 case 7: a bow-tie lost a lobe to buffer(0), silently. Both lobes stay; a warning names it."""
+    import logging
+
+    bowtie = [[0, 0], [2048, 2048], [2048, 0], [0, 2048], [0, 0]]  # crosses itself at (1024, 1024)
+    crossing_hole = [_square(0, 0, 1024, 1024), _square(512, 512, 1536, 640)]  # hole sticks out of its shell
+    p = tmp_path / "bowtie.geojson"
+    p.write_text(json.dumps({"type": "FeatureCollection", "features": [_feature([bowtie], cls="Tumor"),
+                                                                       _feature(crossing_hole, cls="Stroma")]}))
+    with caplog.at_level(logging.WARNING):
+        g = load_annotations(p, class_name="Tumor")
+    assert g.is_valid and g.area == pytest.approx(2 * 1024 * 2048 / 2)  # both triangles: half the square
+    assert "1 invalid polygon(s) repaired with shapely.make_valid" in caplog.text and "Self-intersection" in caplog.text
+    r = SlideReader(synthetic_slide)
+    grid = build_grid(r, 0.5, min_tissue=0.0, annotations=p, class_name="Tumor")
+    cx = grid.xs + 128
+    assert (cx < 1024).sum() == (cx > 1024).sum() > 0  # left and right lobes alike
+    stroma = load_annotations(p, class_name="Stroma")
+    assert stroma.area == pytest.approx(1024 * 1024 - 512 * 128)  # the hole still cuts, only inside its shell
+
+
 @pytest.mark.shared
 def test_cmu_grid_against_independent_thumbnail_mask():
     """CMU-1-Small-Region at 0.5 mpp: the kept tiles are the tissue, judged by a plain grey threshold on
@@ -152,3 +158,130 @@ def test_bounds_offset_grid_and_annotations(synthetic_slide, tmp_path):
     assert sorted(zip(g.xs.tolist(), g.ys.tolist())) == [(100, 60), (100, 316), (356, 60), (356, 316)]
     r.properties["openslide.bounds-width"] = "99999"  # inconsistent bounds are ignored
     assert r._bounds() == (0, 0, 2048, 2048)
+
+
+# -- every tissue pixel in a tile: edge tiles, padding, windows ---------------------------------------------------
+
+def test_cover_edges_adds_the_partial_strip_with_whole_tile_fractions(synthetic_slide):
+    r = SlideReader(synthetic_slide)
+    whole = build_grid(r, 0.5, tile_size=300, min_tissue=0.0)
+    edges = build_grid(r, 0.5, tile_size=300, min_tissue=0.0, cover_edges=True)
+    assert (whole.n_rows, whole.n_cols) == (6, 6) and (edges.n_rows, edges.n_cols) == (7, 7)
+    assert edges.xs.max() == 1800 and edges.xs.max() + edges.level0_tile > 2048  # runs past the edge
+    np.testing.assert_array_equal(edges.fractions[:6, :6], whole.fractions)  # inside: unchanged
+    # the last column holds 248 of its 300 px: its fraction counts the whole tile (outside = not tissue)
+    assert (edges.fractions[:, 6] <= 248 / 300 + 0.03).all()
+    # a region smaller than one tile still gets one (padded) tile
+    r.bounds = (0, 0, 100, 50)
+    tiny = build_grid(r, 0.5, min_tissue=0.0, cover_edges=True)
+    assert (tiny.n_rows, tiny.n_cols, len(tiny)) == (1, 1, 1)
+    assert build_grid(r, 0.5, min_tissue=0.0).n_grid == 0
+
+
+def test_background_is_the_slides_glass(synthetic_slide):
+    g = build_grid(SlideReader(synthetic_slide), 0.5)
+    assert np.abs(np.array(g.background) - np.array(GLASS, int)).max() <= 3  # (242, 240, 244) after JPEG
+
+
+def _read_both(reader, x, y, size, mpp, fill):
+    return reader.read_tile(x, y, size, mpp), reader.read_tile(x, y, size, mpp, fill=fill)
+
+
+@pytest.mark.parametrize("mpp", [0.5, 1.0, 0.75])
+def test_padded_read_beyond_the_slide_tiff(synthetic_slide, mpp):
+    """OpenSlide: the part of an edge tile beyond the slide is the fill colour, the rest is the normal read."""
+    r = SlideReader(synthetic_slide)
+    fill = (10, 200, 30)
+    scale = r.scale_for(mpp)
+    x = y = 2048 - int(100 * scale)  # 100 target px inside, the rest outside
+    plain, padded = _read_both(r, x, y, 256, mpp, fill)
+    inside = 100 if scale in (1.0, 2.0) else 96  # resampled reads: leave the Lanczos reach at the border
+    np.testing.assert_array_equal(padded[:inside, :inside], plain[:inside, :inside])
+    edge = 100 + (0 if scale in (1.0, 2.0) else 4)
+    assert (padded[edge:, :] == fill).all() and (padded[:, edge:] == fill).all()
+    assert (plain[edge:, edge:] == 255).all()  # unpadded: OpenSlide's transparent -> white
+    inner = r.read_tile(512, 512, 256, mpp, fill=fill)  # wholly inside: the fill changes nothing
+    np.testing.assert_array_equal(inner, r.read_tile(512, 512, 256, mpp))
+
+
+def test_padded_read_flat_image_and_bounds(tmp_path, synthetic_slide):
+    """A flat image pads the same way, and so does the area outside a MIRAX-like bounds region."""
+    from PIL import Image
+
+    rgb = np.random.default_rng(0).integers(0, 255, (300, 400, 3), dtype=np.uint8)
+    p = tmp_path / "flat.png"
+    Image.fromarray(rgb).save(p)
+    flat = SlideReader(p)
+    fill = (1, 2, 3)
+    t = flat.read_tile(350, 250, 64, None, fill=fill)
+    np.testing.assert_array_equal(t[:50, :50], rgb[250:300, 350:400])
+    assert (t[50:] == fill).all() and (t[:, 50:] == fill).all()
+    r = SlideReader(synthetic_slide)
+    r.bounds = (100, 60, 1800, 1900)
+    t = r.read_tile(0, 0, 256, 0.5, fill=fill)
+    assert (t[:60] == fill).all() and (t[:, :100] == fill).all()
+    np.testing.assert_array_equal(t[60:, 100:], r.read_region(100, 60, 0, 156, 196))
+
+
+def test_grid_without_tissue_is_valid(tmp_path):
+    from PIL import Image
+
+    from wsi_haloae.slide.grid import plan_windows, scored_tissue_fraction
+
+    p = tmp_path / "glass.png"
+    Image.new("RGB", (700, 500), (240, 240, 238)).save(p)
+    g = build_grid(SlideReader(p), 0.5, min_tissue=0.1, cover_edges=True)
+    assert len(g) == 0 and (g.n_rows, g.n_cols) == (2, 3) and g.fractions.shape == (2, 3)
+    assert g.xs.dtype == np.int64 and g.rows.dtype == np.int32 and not g.mask.any()
+    w = plan_windows(g, 0.5)
+    assert len(w) == 0 and w.tile_window.shape == (0,) and (w.n_rows, w.n_cols) == (3, 5)
+    assert scored_tissue_fraction(g, w) == 1.0  # nothing to score: nothing missed
+
+
+def test_windows_at_overlap(synthetic_slide):
+    from wsi_haloae.slide.grid import plan_windows, scored_tissue_fraction, windows_per_tile
+
+    r = SlideReader(synthetic_slide)
+    g = build_grid(r, 0.5, min_tissue=0.1, cover_edges=True)
+    w1 = plan_windows(g, 0.0)
+    assert w1.per_tile == 1 and len(w1) == len(g)
+    np.testing.assert_array_equal(w1.xs[w1.tile_window], g.xs)
+    for overlap, k in ((0.5, 2), (0.75, 4)):
+        w = plan_windows(g, overlap)
+        assert w.per_tile == k and w.level0_step == 256 / k and w.overlap == overlap
+        assert (w.n_rows, w.n_cols) == ((g.n_rows - 1) * k + 1,) * 2
+        # each grid tile keeps its own window: same place
+        np.testing.assert_array_equal(w.xs[w.tile_window], g.xs)
+        np.testing.assert_array_equal(w.ys[w.tile_window], g.ys)
+        np.testing.assert_array_equal(w.rows[w.tile_window], g.rows * k)
+        # row-major, positions on the window grid, every window has tissue and touches a kept tile
+        flat = w.rows.astype(np.int64) * w.n_cols + w.cols
+        assert (np.diff(flat) > 0).all()
+        np.testing.assert_array_equal(w.xs, np.round(w.cols * 256 / k).astype(np.int64))
+        assert (w.tissue >= 0.1).all()
+        kept = {(int(a), int(b)) for a, b in zip(g.rows, g.cols)}
+        assert all({(rr // k, cc // k), (rr // k, (cc + k - 1) // k), ((rr + k - 1) // k, cc // k),
+                    ((rr + k - 1) // k, (cc + k - 1) // k)} & kept for rr, cc in zip(w.rows.tolist(), w.cols.tolist()))
+        assert len(w) > len(g)
+        assert scored_tissue_fraction(g, w) >= scored_tissue_fraction(g)
+    assert windows_per_tile(0.875, 256) == 8
+    for bad in (0.3, 1.0, -0.5, float("nan")):
+        with pytest.raises(BadInputError, match="--overlap"):
+            windows_per_tile(bad, 256)
+    with pytest.raises(BadInputError, match="use one of 0, 0.5"):
+        windows_per_tile(0.75, 250)  # 250 / 4 is not whole
+
+
+@pytest.mark.shared
+def test_cmu_scored_tissue_fraction():
+    """CMU-1-Small-Region at 0.5 µm/px: whole tiles with ≥ 0.5 tissue leave ~14-20 % of the tissue unscored
+    (edges, the 151-px strip); edge tiles with any real tissue (≥ 0.1) score ≥ 98 % of it."""
+    from wsi_haloae.slide.grid import plan_windows, scored_tissue_fraction
+
+    r = SlideReader(shared_path("openslide-testdata", "Aperio", "CMU-1-Small-Region.svs"))
+    old = build_grid(r, 0.5, min_tissue=0.5)
+    new = build_grid(r, 0.5, min_tissue=0.1, cover_edges=True)
+    assert (new.n_rows, new.n_cols) == (12, 9)
+    assert scored_tissue_fraction(old) < 0.85
+    assert scored_tissue_fraction(new) >= 0.98
+    assert scored_tissue_fraction(new, plan_windows(new, 0.5)) >= 0.99

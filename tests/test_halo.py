@@ -117,3 +117,114 @@ def test_rejects_sizes_not_multiple_of_block():
     att = HaloAttention(4, 1, dim_head=4, block=12, halo=2)
     with pytest.raises(ValueError, match="multiple of block"):
         att(torch.randn(1, 4, 20, 24))
+
+
+# ------------------------------------------------------------------------ the authors' inverted mask ("authors")
+def inverted_mask_reference(att: HaloAttention, x: torch.Tensor) -> torch.Tensor:
+    """The authors' computation spelled out, from DESIGN.md section 3: per block, q·k + position logits over the
+    whole zero-padded (block + 2·halo)² window, then the logits of keys INSIDE the image replaced by the most
+    negative float (the inverted mask), softmax, weighted sum of v (zero at padded keys)."""
+    n, c, h, w = x.shape
+    b, hl, heads, dh, span = att.block, att.halo, att.heads, att.dim_head, att.span
+    xp = torch.nn.functional.pad(x, (hl, hl, hl, hl))  # padded keys: k = v = 0 (bias-free projection)
+    xl, xpl = x.permute(0, 2, 3, 1), xp.permute(0, 2, 3, 1)
+    q = att.to_q(xl).reshape(n, h, w, heads, dh) * att.scale
+    k, v = att.to_kv(xpl).chunk(2, dim=-1)
+    k, v = k.reshape(n, h + 2 * hl, w + 2 * hl, heads, dh), v.reshape(n, h + 2 * hl, w + 2 * hl, heads, dh)
+    inside = torch.nn.functional.pad(torch.ones(h, w, dtype=torch.bool), (hl, hl, hl, hl))
+    off = b + hl - 1
+    out = torch.zeros(n, h, w, heads, dh, dtype=x.dtype)
+    for i in range(h):
+        for j in range(w):
+            y0, x0 = (i // b) * b, (j // b) * b  # window rows y0-hl .. y0+b+hl-1 = padded rows y0 .. y0+span-1
+            kk = k[:, y0 : y0 + span, x0 : x0 + span].reshape(n, span * span, heads, dh)
+            vv = v[:, y0 : y0 + span, x0 : x0 + span].reshape(n, span * span, heads, dh)
+            ky, kx = torch.meshgrid(torch.arange(span), torch.arange(span), indexing="ij")
+            ky, kx = ky.reshape(-1) + y0 - hl, kx.reshape(-1) + x0 - hl  # image coordinates of the keys
+            pos = att.rel_height[ky - i + off] + att.rel_width[kx - j + off]
+            logits = torch.einsum("nhd,nkhd->nhk", q[:, i, j], kk + pos[None, :, None, :])
+            in_image = inside[y0 : y0 + span, x0 : x0 + span].reshape(-1)
+            logits = logits.masked_fill(in_image[None, None, :], -torch.finfo(logits.dtype).max)
+            out[:, i, j] = torch.einsum("nhk,nkhd->nhd", logits.softmax(dim=-1), vv)
+    return att.to_out(out.reshape(n, h, w, heads * dh)).permute(0, 3, 1, 2)
+
+
+@pytest.mark.parametrize("block,halo,h,w", [(4, 1, 12, 16), (6, 2, 18, 24), (4, 0, 8, 8)])
+def test_authors_mask_equals_the_inverted_mask_computation(block, halo, h, w):
+    torch.manual_seed(4)
+    att = HaloAttention(8, 2, dim_head=4, block=block, halo=halo, mask="authors").double()
+    x = torch.randn(2, 8, h, w, dtype=torch.double)
+    with torch.no_grad():
+        torch.testing.assert_close(att(x), inverted_mask_reference(att, x), rtol=1e-10, atol=1e-10)
+
+
+def test_authors_mask_is_windowed_average_pooling_of_v():
+    """What the inverted mask amounts to: blocks whose window lies inside the image output the mean of v over
+    the window; blocks whose window leaves the image output the out-projection's bias alone."""
+    torch.manual_seed(5)
+    block, halo, h = 12, 2, 60
+    att = HaloAttention(6, 2, dim_head=4, block=block, halo=halo, mask="authors").double()
+    x = torch.randn(1, 6, h, h, dtype=torch.double)
+    with torch.no_grad():
+        out = att(x)
+        v = att.to_kv(x.permute(0, 2, 3, 1))[..., 8:]  # (1, H, W, inner)
+    bias = att.to_out.bias
+    for by in range(h // block):
+        for bx in range(h // block):
+            y0, x0 = by * block, bx * block
+            got = out[0, :, y0 : y0 + block, x0 : x0 + block]
+            if 0 < by < 4 and 0 < bx < 4:  # interior: the 16x16 window is inside the 60x60 map
+                mean_v = v[0, y0 - halo : y0 + block + halo, x0 - halo : x0 + block + halo].mean(dim=(0, 1))
+                want = att.to_out(mean_v)
+            else:
+                want = bias
+            torch.testing.assert_close(got, want[:, None, None].expand_as(got))
+
+
+def test_authors_mask_gives_q_k_and_positions_no_gradient():
+    torch.manual_seed(6)
+    att = HaloAttention(8, 2, dim_head=8, block=4, halo=1, mask="authors")
+    x = torch.randn(2, 8, 12, 12, requires_grad=True)
+    (att(x) * torch.randn(2, 8, 12, 12)).sum().backward()
+    inner = att.heads * att.dim_head
+    for grad in (att.to_q.weight.grad, att.rel_height.grad, att.rel_width.grad):
+        assert grad is None or not grad.any()
+    assert att.to_kv.weight.grad is not None
+    assert not att.to_kv.weight.grad[:inner].any()  # k
+    assert att.to_kv.weight.grad[inner:].abs().sum() > 0  # v
+    assert att.to_out.weight.grad.abs().sum() > 0 and x.grad.abs().sum() > 0
+
+
+def test_default_attention_is_real_halo_attention():
+    from wsi_haloae.config import ModelConfig
+    from wsi_haloae.model.autoencoder import HaloAutoEncoder
+
+    assert HaloAttention(4, 1).mask == "halo"
+    for name in ("paper", "r31", "tiny"):
+        assert ModelConfig.preset(name).attention == "halo"
+    for name, base in (("paper-authors-mask", "paper"), ("r31-authors-mask", "r31")):
+        cfg = ModelConfig.preset(name)
+        assert cfg.attention == "authors-mask"
+        # the variant differs from its base in the attention alone (and its name and description)
+        strip = lambda d: {k: v for k, v in d.items() if k not in ("name", "description", "attention")}  # noqa: E731
+        assert strip(cfg.to_dict()) == strip(ModelConfig.preset(base).to_dict())
+    tiny = ModelConfig.preset("tiny")
+    masks = {m.mask for m in HaloAutoEncoder(tiny).modules() if isinstance(m, HaloAttention)}
+    assert masks == {"halo"}
+    from dataclasses import replace
+
+    masks = {m.mask for m in HaloAutoEncoder(replace(tiny, attention="authors-mask")).modules() if isinstance(m, HaloAttention)}
+    assert masks == {"authors"}
+
+
+def test_unknown_attention_mode_is_a_user_error():
+    from dataclasses import replace
+
+    from wsi_haloae.config import ModelConfig
+    from wsi_haloae.errors import BadInputError
+    from wsi_haloae.model.autoencoder import HaloAutoEncoder
+
+    with pytest.raises(BadInputError, match="unknown attention 'inverted'"):
+        HaloAutoEncoder(replace(ModelConfig.preset("tiny"), attention="inverted"))
+    with pytest.raises(ValueError, match="mask"):
+        HaloAttention(4, 1, mask="inverted")

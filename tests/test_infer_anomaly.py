@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from conftest import shared_path
-from wsi_haloae.config import InferConfig
+from wsi_haloae.config import InferConfig, InferOptions
 from wsi_haloae.infer import writers
 from wsi_haloae.infer.engine import run_infer
 from wsi_haloae.slide.synthetic import GLASS, SyntheticSlideSpec, anomaly_mask, render_region
@@ -50,8 +50,8 @@ def test_planted_anomaly_scores_higher_there(synthetic_slide, tmp_path):
         mean_map = torch.cat([model.anomaly_map(x[i:i + 8]) for i in range(0, len(x), 8)]).mean(0)
     path = save_model(tmp_path / "tiny-imagenet.safetensors", model, mean_map, {"mpp": 0.5})
 
-    cfg = InferConfig(slide=synthetic_slide, model=path, out=tmp_path / "o.zarr", workers=0, batch_size=8,
-                      device="cpu", progress=False)
+    cfg = InferConfig(slide=synthetic_slide, model=path, out=tmp_path / "o.zarr",
+                      options=InferOptions(workers=0, batch_size=8, device="cpu", progress=False))
     run_infer(cfg)
     g = writers.open_store(cfg.out)
     xy, scores = g["tiles/xy"][:], g["tiles/score_mean"][:]
@@ -62,9 +62,11 @@ def test_planted_anomaly_scores_higher_there(synthetic_slide, tmp_path):
     assert scores[lab].mean() > 1.3 * scores[~lab].mean()
     assert tile_auc >= 0.85, (tile_auc, scores, frac)
     assert lab[np.argmax(scores)]  # the highest-scoring tile is on the anomaly
-    # pixel level: the map itself is high on the ground-truth mask (map pixel = 4 slide pixels)
+    # pixel level: the map itself is high on the ground-truth mask (map pixel = 4 slide pixels). The map is
+    # NaN off tissue, so this is tissue against tissue: 0.786 measured (0.788 on the tiles with >= 0.5 tissue
+    # alone; >= 0.8 before glass was NaN'd, when the scored tiles' glass counted as easy negatives)
     heat = g["0"][:]
     truth = anomaly_mask(spec, 0, 0, heat.shape[1], heat.shape[0], downsample=4)
     ok = np.isfinite(heat)
     pixel_auc = _auroc(heat[ok], truth[ok])
-    assert pixel_auc >= 0.8, pixel_auc
+    assert pixel_auc >= 0.75, pixel_auc

@@ -16,8 +16,9 @@ import numpy as np
 import pytest
 import torch
 
-from wsi_haloae.config import InferConfig
+from wsi_haloae.config import InferConfig, InferOptions
 from wsi_haloae.errors import BadModelFileError
+from wsi_haloae.fileio import partial_name
 from wsi_haloae.infer import writers
 from wsi_haloae.infer.engine import run_infer
 
@@ -82,13 +83,14 @@ def _kill_when(cmd: list[str], pred) -> bool:
 
 def test_kill_9_at_any_point_then_rerun_gives_the_uninterrupted_result(small_slide, tiny_model, tmp_path):
     # the uninterrupted reference, in-process
-    ref = InferConfig(slide=small_slide, model=tiny_model, out=tmp_path / "ref.zarr", workers=0, batch_size=1,
-                      pixel_downsample=1, geojson=tmp_path / "ref.geojson", progress=False)
+    ref = InferConfig(slide=small_slide, model=tiny_model, out=tmp_path / "ref.zarr",
+                      outputs={"geojson": tmp_path / "ref.geojson"},
+                      options=InferOptions(workers=0, batch_size=1, pixel_downsample=1, progress=False))
     run_infer(ref)
     ref_g = writers.open_store(ref.out)
 
     out = tmp_path / "run.zarr"
-    partial = writers.tmp_path_for(out)
+    partial = partial_name(out)
     cmd = _cli(small_slide, tiny_model, out)
     # 1) as soon as the temp store exists (model loaded, grid built, no tile scored yet)
     assert _kill_when(cmd, partial.exists)
@@ -120,7 +122,8 @@ def test_bad_and_mismatched_model_files(small_slide, tiny_model, tmp_path):
     truncated = tmp_path / "truncated.safetensors"
     truncated.write_bytes(tiny_model.read_bytes()[: 200_000])
     with pytest.raises(BadModelFileError, match="truncated"):
-        run_infer(InferConfig(slide=small_slide, model=truncated, out=tmp_path / "o.zarr", progress=False))
+        run_infer(InferConfig(slide=small_slide, model=truncated, out=tmp_path / "o.zarr",
+                              options=InferOptions(progress=False)))
     # a model whose tensors do not fit its config (e.g. edited or from another preset)
     from safetensors.torch import load_file, save_file
 
@@ -132,5 +135,6 @@ def test_bad_and_mismatched_model_files(small_slide, tiny_model, tmp_path):
     mismatched = tmp_path / "mismatched.safetensors"
     save_file(tensors, str(mismatched), metadata=read_header(tiny_model))
     with pytest.raises(BadModelFileError, match="shape"):
-        run_infer(InferConfig(slide=small_slide, model=mismatched, out=tmp_path / "o.zarr", progress=False))
-    assert not (tmp_path / "o.zarr").exists() and not writers.tmp_path_for(tmp_path / "o.zarr").exists()
+        run_infer(InferConfig(slide=small_slide, model=mismatched, out=tmp_path / "o.zarr",
+                              options=InferOptions(progress=False)))
+    assert not (tmp_path / "o.zarr").exists() and not partial_name(tmp_path / "o.zarr").exists()

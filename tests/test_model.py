@@ -253,6 +253,23 @@ def test_bilinear_upsample_variant_and_bad_configs():
             HaloAE(bad)
 
 
+def test_authors_mask_variant_round_trips_through_a_model_file(tmp_path):
+    import dataclasses
+
+    from wsi_haloae.model import load_model, save_model
+
+    cfg = dataclasses.replace(ModelConfig.preset("tiny"), name="tiny-authors-mask", attention="authors-mask")
+    m = build_model(cfg, "random", seed=1).eval()
+    ref = build_model(ModelConfig.preset("tiny"), "random", seed=1).eval()
+    assert m.state_dict().keys() == ref.state_dict().keys()  # same parameters; only the attention differs
+    x = torch.rand(1, 3, 256, 256)
+    assert not torch.allclose(m.anomaly_map(x), ref.anomaly_map(x))
+    p = save_model(tmp_path / "m.safetensors", m, torch.zeros(64, 64), {})
+    loaded = load_model(p)
+    assert loaded.model.config.attention == "authors-mask"
+    torch.testing.assert_close(loaded.model.anomaly_map(x), m.anomaly_map(x), rtol=0, atol=0)
+
+
 def test_info_command(tmp_path, tiny):
     from click.testing import CliRunner
 
@@ -263,6 +280,9 @@ def test_info_command(tmp_path, tiny):
     assert r.exit_code == 0, r.output
     n = meta_model("paper").trainable_parameters()
     assert f"{n:,}" in r.output and "704" in r.output and "relu3_4" in r.output and "GFLOP" in r.output
+    assert "attention:         halo" in r.output
+    r = CliRunner().invoke(main, ["info", "--preset", "paper-authors-mask"])
+    assert r.exit_code == 0 and "authors-mask" in r.output and f"{n:,}" in r.output
     p = save_model(tmp_path / "tiny.safetensors", tiny, torch.zeros(64, 64), {"epochs": 1, "mpp": 0.5})
     r = CliRunner().invoke(main, ["info", "--model", str(p)])
     assert r.exit_code == 0 and "tiny" in r.output and '"mpp": 0.5' in r.output

@@ -11,6 +11,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
+from checks import fill_disk_at, one_line_error, sha256
 from conftest import shared_path
 from wsi_haloae.cli import main
 from wsi_haloae.config import TilesConfig
@@ -136,7 +137,7 @@ BROKEN = [
 
 @pytest.mark.shared
 @pytest.mark.parametrize("parts", BROKEN, ids=lambda p: p[-1])
-def test_broken_slides_one_line_error(parts, tmp_path):
+def test_broken_slidesone_line_error(parts, tmp_path):
     p = shared_path(*parts)
     out = tmp_path / "out"
     res = _cli(p, "--out", out, "--mpp", "0.5")
@@ -148,13 +149,14 @@ def test_broken_slides_one_line_error(parts, tmp_path):
 
 
 @pytest.mark.shared
-def test_tcga_without_mpp_refused_then_works_with_it(tmp_path):
+def test_tcga_without_mpp_refused_then_works_with_slide_mpp(tmp_path):
     p = shared_path("histolab-fixtures", "tests", "fixtures", "svs-images", "tcga-cr-7395-01a-01-ts1.svs")
     out = tmp_path / "out"
-    res = _cli(p, "--out", out)
-    assert res.exit_code == 2 and "--mpp" in res.stderr and str(p) in res.stderr
-    assert not out.exists()
-    res = _cli(p, "--out", out, "--mpp", "1.0", "--max-tiles", "3")
+    for args in ((), ("--mpp", "1.0"), ("--magnification", "10x")):  # a target alone does not say what level 0 is
+        res = _cli(p, "--out", out, *args)
+        assert res.exit_code == 2 and "--slide-mpp" in res.stderr and str(p) in res.stderr
+        assert not out.exists()
+    res = _cli(p, "--out", out, "--slide-mpp", "1.0", "--max-tiles", "3")
     assert res.exit_code == 0, res.output
     rows = _manifest(out)
     assert len(rows) == 3 and {r["mpp"] for r in rows} == {"1"} and {r["level0_size"] for r in rows} == {"256"}
@@ -195,9 +197,92 @@ def test_flat_tiff_kidney_via_pillow(tmp_path):
     """A plain strip TIFF OpenSlide refuses: read whole (it is small); its one tissue fragment is found."""
     p = shared_path("histolab-fixtures", "tests", "fixtures", "tiff-images", "kidney-48-5.tif")
     out = tmp_path / "out"
-    res = _cli(p, "--out", out, "--mpp", "8", "--tile-size", "32")
+    res = _cli(p, "--out", out, "--slide-mpp", "8", "--tile-size", "32")  # records no mpp: declare it
     assert res.exit_code == 0, res.output
     rows = _manifest(out)
     assert 1 <= len(rows) <= 10
     for r in rows:  # the fragment sits around level-0 (290-400, 500-570)
         assert 250 <= int(r["x"]) <= 420 and 470 <= int(r["y"]) <= 600
+
+
+# -- outputs: never over an input, one run at a time, a full disk is one line (issue 13) ---------------------
+@pytest.fixture
+def slide_copy(synthetic_slide, tmp_path) -> Path:
+    p = tmp_path / "data" / "slide.tif"
+    p.parent.mkdir()
+    p.write_bytes(synthetic_slide.read_bytes())
+    return p
+
+
+@pytest.mark.parametrize("where", ["the slide", "the folder of the slide", "the annotations"])
+def test_out_may_not_touch_an_input(slide_copy, tmp_path, where):
+    ann = tmp_path / "data" / "ann.geojson"
+    ann.write_text(json.dumps({"type": "Feature", "properties": {},
+                               "geometry": {"type": "Polygon", "coordinates": [[[0, 0], [900, 0], [900, 900], [0, 0]]]}}))
+    out = {"the slide": slide_copy, "the folder of the slide": slide_copy.parent, "the annotations": ann}[where]
+    before = {p: sha256(p) for p in (slide_copy, ann)}
+    listing = sorted(tmp_path.rglob("*"))
+    res = _cli(slide_copy, "--out", out, "--mpp", "0.5", "--annotations", ann)
+    one_line_error(res, str(out), "--out")
+    assert {p: sha256(p) for p in before} == before and sorted(tmp_path.rglob("*")) == listing
+
+
+def test_a_second_run_on_the_folder_is_refused(slide_copy, tmp_path):
+    from wsi_haloae.fileio import output_lock
+
+    out = tmp_path / "tiles"
+    with output_lock(out, "tile folder"):  # what a run in another process holds
+        res = _cli(slide_copy, "--out", out, "--mpp", "0.5")
+    one_line_error(res, "another wsi-haloae run is writing this tile folder")
+    assert not out.exists()
+    assert _cli(slide_copy, "--out", out, "--mpp", "0.5").exit_code == 0  # released with its holder
+
+
+@pytest.mark.parametrize("target, nth", [("slide_", 3), ("tiles.csv", 1), ("slide.png", 1)],
+                         ids=["tile", "manifest", "thumbnail"])
+def test_full_disk_is_one_line_and_leaves_no_partial_file(slide_copy, tmp_path, monkeypatch, target, nth):
+    out = tmp_path / "tiles"
+    out.mkdir()
+    other = "slide,file,x,y,level0_size,tile_size,mpp,tissue\n/else/b.svs,b_0_0.png,0,0,256,256,0.5,1.0000\n"
+    (out / "tiles.csv").write_text(other)  # another slide's rows, which a failed run must not lose
+    slide_sha = sha256(slide_copy)
+    hits = fill_disk_at(monkeypatch, target, nth)
+    res = _cli(slide_copy, "--out", out, "--mpp", "0.5")
+    assert hits["hits"] >= nth
+    err = one_line_error(res, "(No space left on device)")
+    named = {"slide_": "slide_", "tiles.csv": "tiles.csv: cannot write the tile manifest",
+             "slide.png": "thumbnails/slide.png: cannot write the thumbnail"}[target]
+    assert err.startswith(f"error: {out}/{named}")
+    assert sha256(slide_copy) == slide_sha
+    assert not [p for p in out.rglob("*") if p.name.endswith(".part") or p.name.endswith(".lock")]
+    assert (out / "tiles.csv").read_text() == other  # the manifest, written last, says nothing of this slide
+    if target != "tiles.csv":
+        assert not (out / "thumbnails" / "slide.png").exists()
+    for n in _images(out):  # whatever stands under a final name is a whole image
+        Image.open(out / n).load()
+    monkeypatch.undo()
+    res = _cli(slide_copy, "--out", out, "--mpp", "0.5")  # space freed: the rerun finishes the job
+    assert res.exit_code == 0, res.output
+    rows = _manifest(out)
+    assert rows[0]["file"] == "b_0_0.png" and sorted(r["file"] for r in rows[1:]) == [n for n in _images(out)]
+
+
+def test_full_disk_in_worker_processes_of_a_real_run(slide_copy, tmp_path):
+    """A real kernel write failure (a file-size limit: EFBIG, no root needed) in the pool's worker processes."""
+    import resource
+    import signal
+    import subprocess
+    import sys
+
+    def small_files():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (40_000, 40_000))  # a tile PNG is ~50-60 kB
+
+    out = tmp_path / "tiles"
+    r = subprocess.run([sys.executable, "-m", "wsi_haloae.cli", "tiles", str(slide_copy), "--out", str(out),
+                        "--mpp", "0.5", "--workers", "2"], capture_output=True, text=True, preexec_fn=small_files,
+                       timeout=300)
+    assert r.returncode == 2, r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "cannot write a tile (File too large)" in last and "Traceback" not in r.stderr
+    assert not [p for p in out.rglob("*") if p.name.endswith(".part")] and not (out / "tiles.csv").exists()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from PIL import Image
 from safetensors.torch import load_file
 from skimage.data import immunohistochemistry
 
+from checks import fill_disk_at, one_line_error, sha256
 from wsi_haloae.cli import main
 from wsi_haloae.config import TrainConfig
 from wsi_haloae.errors import BadInputError, BadTilesError, OutputError
@@ -100,9 +102,104 @@ def test_resume_continues_to_the_same_weights(tiles, trained, tmp_path, monkeypa
     assert [m["loss"] for m in metrics_part] == [m["loss"] for m in metrics_full]
 
 
+MID_EPOCH = dict(epochs=2, samples_per_epoch=3, checkpoint_minutes=0)
+
+
+@pytest.fixture(scope="module")
+def full_mid(tiles, tmp_path_factory) -> Path:
+    """An uninterrupted run of 2 epochs of 3 steps, checkpointing after every step."""
+    out = tmp_path_factory.mktemp("full-mid") / "model.safetensors"
+    trainer.run_train(_cfg(tiles, out, **MID_EPOCH))
+    return out
+
+
+def _assert_same_run(a_path: Path, b_path: Path) -> None:
+    a, b = _tensors(a_path), _tensors(b_path)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    lines = lambda p: [json.loads(x) for x in p.with_name("model.metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    assert [(m["epoch"], m["step"], m["loss"], m["loss_fm"]) for m in lines(b_path)] == [
+        (m["epoch"], m["step"], m["loss"], m["loss_fm"]) for m in lines(a_path)
+    ]
+
+
+def test_resume_from_inside_an_epoch_is_bit_identical(tiles, full_mid, tmp_path, monkeypatch):
+    """Timed checkpoints (here after every step) let a run stopped in the middle of an epoch continue to exactly
+    the weights, BatchNorm statistics and metrics of an uninterrupted run."""
+    part = tmp_path / "part" / "model.safetensors"
+    real_write = trainer._write_resume
+    written = []
+
+    def write_then_stop(path, model, opt, info):
+        real_write(path, model, opt, info)
+        written.append(dict(info))
+        if info["step"] == 2:  # epoch 0, after its second of three batches
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer, "_write_resume", write_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.run_train(_cfg(tiles, part, **MID_EPOCH))
+    monkeypatch.setattr(trainer, "_write_resume", real_write)
+    assert [(w["epoch"], w["batch"], w["step"]) for w in written] == [(0, 1, 1), (0, 2, 2)]
+    assert not part.exists()
+    trainer.run_train(_cfg(tiles, part, resume=True, **MID_EPOCH))
+    _assert_same_run(full_mid, part)
+
+
+def test_sigterm_writes_a_resume_file_and_stops(tiles, full_mid, tmp_path, monkeypatch, caplog):
+    """A scheduler's SIGTERM (SLURM at the time limit) stops the run at the next step boundary with a resume
+    file, even when no timed checkpoint is due; --resume then ends where an uninterrupted run ends."""
+    import os
+    import signal
+
+    part = tmp_path / "term" / "model.safetensors"
+    real_loss = trainer.reconstruction_loss
+    calls = []
+
+    def loss_then_term(*args):
+        calls.append(1)
+        if len(calls) == 7:  # during step 4 (two reconstruction losses per step): epoch 1, batch 1
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_loss(*args)
+
+    monkeypatch.setattr(trainer, "reconstruction_loss", loss_then_term)
+    with caplog.at_level(logging.WARNING), pytest.raises(KeyboardInterrupt):
+        trainer.run_train(_cfg(tiles, part, **dict(MID_EPOCH, checkpoint_minutes=1e6)))
+    monkeypatch.setattr(trainer, "reconstruction_loss", real_loss)
+    assert "SIGTERM" in caplog.text and "step 4 of 6" in caplog.text
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is the run's only
+    _, meta = trainer._read_resume(part.with_name("model.resume.safetensors"))
+    assert (meta["epoch"], meta["batch"], meta["step"]) == (1, 1, 4)
+    trainer.run_train(_cfg(tiles, part, resume=True, **MID_EPOCH))
+    _assert_same_run(full_mid, part)
+
+
+def test_cpu_duration_estimate_and_warning(caplog):
+    """The paper schedule on a CPU is announced with its duration and the ways out; a short tiny run is not."""
+    from wsi_haloae.config import ModelConfig
+    from wsi_haloae.train.estimate import train_step_flops, warn_if_long_on_cpu
+
+    cpu = torch.device("cpu")
+    with caplog.at_level(logging.INFO, logger="wsi_haloae.train.estimate"):
+        low, high = warn_if_long_on_cpu(ModelConfig.preset("paper"), 4, 187_500, cpu)
+    assert 30 * 86400 < low <= high  # months on any CPU: 187,500 steps of ~4.7 TFLOP
+    (rec,) = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert "187,500 steps" in rec.getMessage() and "--device cuda" in rec.getMessage() and "--preset tiny" in rec.getMessage()
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="wsi_haloae.train.estimate"):
+        warn_if_long_on_cpu(ModelConfig.preset("tiny"), 1, 10, cpu)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert "estimated duration on this CPU" in caplog.text
+    assert warn_if_long_on_cpu(ModelConfig.preset("tiny"), 1, 10, torch.device("meta")) is None  # not a CPU
+    # a step of the paper preset: forward + backward of 12 images, ~395 GFLOP each (VGG 29 of them)
+    assert 4.0e12 < train_step_flops(ModelConfig.preset("paper"), 4) < 5.5e12
+
+
 def test_model_metadata(tiles, trained):
     from wsi_haloae.model import load_model
-    from wsi_haloae.train.data import load_tiles, stack_tiles
+    from wsi_haloae.model.inputs import stack_tiles
+    from wsi_haloae.train.data import load_tiles
 
     loaded = load_model(trained)
     md = loaded.metadata
@@ -189,6 +286,20 @@ def test_cli_bad_inputs_are_one_line_errors(tmp_path):
         assert "Traceback" not in r.stderr and r.stdout == ""
 
 
+def test_cli_passes_checkpoint_minutes_and_compile(tmp_path, monkeypatch):
+    seen = []
+    monkeypatch.setattr(trainer, "run_train", lambda cfg: seen.append(cfg))
+    r = CliRunner().invoke(main, ["train", "--tiles", str(tmp_path), "--out", str(tmp_path / "m.safetensors"),
+                                  "--checkpoint-minutes", "2.5", "--compile"])
+    assert r.exit_code == 0, r.output
+    (cfg,) = seen
+    assert cfg.checkpoint_minutes == 2.5 and cfg.compile is True and cfg.refresh_bn is True
+    r = CliRunner().invoke(main, ["train", "--tiles", str(tmp_path), "--out", str(tmp_path / "m.safetensors")])
+    assert seen[-1].checkpoint_minutes == 10.0 and seen[-1].compile is False
+    r = CliRunner().invoke(main, ["train", "--tiles", str(tmp_path), "--out", str(tmp_path / "m"), "--checkpoint-minutes", "-1"])
+    assert r.exit_code == 2 and "checkpoint-minutes" in r.output
+
+
 def test_dataset_samples_are_a_function_of_seed_epoch_index(tiles):
     from wsi_haloae.train.data import CutPasteDataset, load_tiles
 
@@ -202,3 +313,105 @@ def test_dataset_samples_are_a_function_of_seed_epoch_index(tiles):
     assert not torch.equal(a[0], c[0])
     # pasted versions differ from their original only where something was pasted (tested in detail elsewhere)
     assert not torch.equal(a[0], a[1]) and not torch.equal(a[0], a[2])
+
+
+# -- outputs: never over an input, one run at a time, a full disk keeps the last epoch (issue 13) ------------
+def _cli_train(tiles: Path, out: Path, *extra: str):
+    args = ["train", "--tiles", str(tiles), "--out", str(out), "--preset", "tiny", "--epochs", "2",
+            "--samples-per-epoch", "1", "--batch-size", "1", "--backbone-weights", "random", "--workers", "0",
+            "--device", "cpu", "--seed", "3", *extra]
+    return CliRunner().invoke(main, args)
+
+
+def _leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.endswith((".part", ".lock")) or ".probe-" in p.name)
+
+
+def test_out_may_not_be_an_input_or_a_foreign_file(tiles, tmp_path, synthetic_slide):
+    slide = tmp_path / "slide.tif"
+    slide.write_bytes(synthetic_slide.read_bytes())
+    (tmp_path / "link.safetensors").symlink_to(slide)
+    cases = {
+        slide: "exists and is not a wsi-haloae model file",  # the data loss of issue 13: a slide overwritten
+        tmp_path / "link.safetensors": "exists and is not a wsi-haloae model file",
+        tiles / "t0.png": "lies inside the tile folder",
+        tiles / "model.safetensors": "lies inside the tile folder",
+    }
+    before = {p: sha256(p) for p in [slide, *tiles.iterdir()]}
+    for out, why in cases.items():
+        one_line_error(_cli_train(tiles, out), why)
+    weights = tmp_path / "vgg.safetensors"
+    weights.write_bytes(b"weights")
+    one_line_error(CliRunner().invoke(main, ["train", "--tiles", str(tiles), "--out", str(weights),
+                                              "--backbone-weights", str(weights)]), "would overwrite the backbone weights")
+    assert {p: sha256(p) for p in before} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link.safetensors", "slide.tif", "vgg.safetensors"]
+
+
+def test_a_second_run_on_the_model_is_refused(tiles, tmp_path):
+    from wsi_haloae.fileio import output_lock
+
+    out = tmp_path / "model.safetensors"
+    with output_lock(out, "model file"):  # what a run in another process holds
+        res = _cli_train(tiles, out)
+    one_line_error(res, "another wsi-haloae run is writing this model file")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("target, nth, epochs, named", [
+    ("model.resume.safetensors", 2, 2, "model.resume.safetensors: cannot write the resume file"),  # epoch 2's
+    ("model.metrics.jsonl", 3, 2, "model.metrics.jsonl: cannot write the metrics file"),  # afresh, epoch 1, epoch 2
+    (f"model.safetensors.{os.getpid()}.part", 1, 1, "model.safetensors: cannot write the model file"),
+], ids=["resume", "metrics", "model"])
+def test_full_disk_keeps_the_last_complete_epoch(tiles, tmp_path, monkeypatch, target, nth, epochs, named):
+    out = tmp_path / "model.safetensors"
+    resume = tmp_path / "model.resume.safetensors"
+    tiles_before = {p: sha256(p) for p in tiles.iterdir()}
+    hits = fill_disk_at(monkeypatch, target, nth)
+    res = _cli_train(tiles, out, "--epochs", str(epochs))
+    err = one_line_error(res, "(No space left on device)", f"{resume} (the last checkpoint) is kept")
+    assert hits["hits"] == nth and err.startswith(f"error: {tmp_path / named}")
+    assert not out.exists() and _leftovers(tmp_path) == []
+    with safe_open_meta(resume) as meta:
+        assert meta["epoch"] == 1  # the last epoch that completed before the disk filled
+    metrics = [json.loads(x) for x in (tmp_path / "model.metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in metrics] == list(range(len(metrics)))  # whole lines only
+    assert {p: sha256(p) for p in tiles.iterdir()} == tiles_before
+    if target == "model.metrics.jsonl":
+        return  # continuing is the same as after the resume-file failure
+    monkeypatch.undo()
+    res = _cli_train(tiles, out, "--epochs", str(epochs), "--resume")  # space freed: no finished epoch lost
+    assert res.exit_code == 0, res.output
+    assert load_file(str(out)) and not resume.exists() and _leftovers(tmp_path) == []
+
+
+class safe_open_meta:
+    """The JSON ``resume`` metadata of a resume file."""
+
+    def __init__(self, path: Path):
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as fh:
+            self.meta = json.loads(fh.metadata()["resume"])
+
+    def __enter__(self):
+        return self.meta
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_saved_model_has_the_users_permissions(tmp_path):
+    """Model files get the user's umask (they were 0600 whatever the umask)."""
+    from wsi_haloae.model import build_model, save_model
+
+    model = build_model("tiny", "random")
+    old = os.umask(0o022)
+    try:
+        save_model(tmp_path / "model.safetensors", model, torch.zeros(64, 64))
+        os.umask(0o077)
+        save_model(tmp_path / "private.safetensors", model, torch.zeros(64, 64))
+    finally:
+        os.umask(old)
+    assert (tmp_path / "model.safetensors").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "private.safetensors").stat().st_mode & 0o777 == 0o600

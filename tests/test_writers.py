@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from wsi_haloae.errors import OutputError
+from wsi_haloae.fileio import partial_name, publish
 from wsi_haloae.infer import writers
 from wsi_haloae.infer.geojson import CLASS_NAME, robust_threshold, write_geojson
 from wsi_haloae.infer.ome_tiff import rgb_path_for, write_ome_tiff
@@ -18,52 +19,6 @@ from wsi_haloae.infer.preview import write_preview
 def _random_tiles(rng, n_rows, n_cols, keep=0.6):
     rows, cols = np.nonzero(rng.random((n_rows, n_cols)) < keep)
     return rows, cols
-
-
-def test_chunk_assembler_matches_direct_paste_in_any_order(tmp_path):
-    rng = np.random.default_rng(0)
-    b = 48  # not a divisor of the chunk: tiles straddle chunk borders
-    rows, cols = _random_tiles(rng, 30, 25)
-    px, py = cols * b + 7, rows * b + 3  # an offset origin, like a slide with bounds
-    H, W = 30 * b + 5, 25 * b - 20  # last column clipped by the map edge
-    blocks = rng.random((len(rows), b, b)).astype(np.float32)
-    failed = rng.random(len(rows)) < 0.1
-
-    expected = np.full((H, W), np.nan, np.float32)
-    for i in range(len(rows)):
-        if failed[i]:
-            continue
-        y0, x0 = py[i], px[i]
-        y1, x1 = min(H, y0 + b), min(W, x0 + b)
-        expected[y0:y1, x0:x1] = blocks[i][: y1 - y0, : x1 - x0]
-
-    g = writers.open_new_store(tmp_path / "s.zarr")
-    arr = writers.create_map_level(g, "0", (H, W))
-    asm = writers.ChunkAssembler(arr, px, py, b)
-    order = rng.permutation(len(rows))
-    for i in order[: len(order) // 2]:
-        asm.add(int(i), None if failed[i] else blocks[i])
-    for i in order[len(order) // 2:]:
-        asm.add(int(i), None if failed[i] else blocks[i])
-    assert not asm.pending and not asm.buffers  # every chunk was flushed as soon as complete
-    np.testing.assert_array_equal(arr[:], expected)
-
-
-def test_assembler_holds_about_one_row_of_chunks_for_row_major_tiles(tmp_path):
-    b = 64
-    n_rows, n_cols = 64, 40
-    rows, cols = np.divmod(np.arange(n_rows * n_cols), n_cols)
-    g = writers.open_new_store(tmp_path / "s.zarr")
-    arr = writers.create_map_level(g, "0", (n_rows * b, n_cols * b))
-    asm = writers.ChunkAssembler(arr, cols * b, rows * b, b)
-    peak = 0
-    blk = np.ones((b, b), np.float32)
-    for i in range(len(rows)):
-        asm.add(i, blk)
-        peak = max(peak, asm.buffered_chunks)
-    chunks_per_row = -(-n_cols * b // writers.CHUNK)
-    assert peak <= chunks_per_row
-    assert np.all(arr[:] == 1)
 
 
 def test_nan_mean_2x2():
@@ -110,13 +65,15 @@ def test_pyramid_and_multiscales_read_by_ome_zarr(tmp_path):
     assert json.loads((tmp_path / "m.zarr" / "0" / ".zarray").read_text())["dimension_separator"] == "/"
 
 
-def test_finalize_marks_complete_last_and_replaces(tmp_path):
+def test_marker_then_publish_marks_complete_last_and_replaces(tmp_path):
     out = tmp_path / "r.zarr"
-    tmp = writers.tmp_path_for(out)
+    tmp = partial_name(out)
     g = writers.open_new_store(tmp)
     writers.create_map_level(g, "0", (10, 10))
     assert not writers.is_complete(tmp)
-    writers.finalize(tmp, out, {"x": 1})
+    writers.mark_complete(tmp, {"x": 1})
+    assert writers.is_complete(tmp) and not out.exists()
+    publish([(tmp, out)])
     assert writers.is_complete(out) and not tmp.exists()
     assert writers.read_attrs(out)["x"] == 1
     # a marker file without the attribute (or the reverse) is not complete
@@ -200,17 +157,59 @@ def test_robust_threshold():
     assert robust_threshold(np.array([np.nan]))["value"] is None
 
 
-def test_preview_png(tmp_path):
+def _panels(img, th, tw):
+    """The bare and the overlaid panel of a side-by-side preview (layout constants of preview.py)."""
+    from wsi_haloae.infer import preview as pv
+
+    top = img.shape[0] - pv._MARGIN - th
+    left = img[top:top + th, pv._MARGIN:pv._MARGIN + tw].astype(int)
+    x = pv._MARGIN + tw + pv._GAP
+    return left, img[top:top + th, x:x + tw].astype(int)
+
+
+def test_preview_keeps_the_he_visible_and_outlines_anomalous_tiles(tmp_path):
     from PIL import Image
 
-    thumb = np.full((200, 300, 3), 240, np.uint8)
-    heat = np.random.default_rng(0).random((50, 60)).astype(np.float32)
-    heat[:10] = np.nan
-    p = write_preview(tmp_path / "p.png", thumb, (3000, 2000), heat, (300, 200, 2700, 1800), vmin=0, vmax=1)
+    from wsi_haloae.infer import preview as pv
+
+    rng = np.random.default_rng(0)
+    th, tw = 200, 150  # portrait: side by side
+    thumb = np.repeat(np.repeat(rng.integers(80, 230, (20, 15, 3), dtype=np.uint8), 10, 0), 10, 1)
+    heat = np.full((20, 15), np.nan, np.float32)  # 100 level-0 px per map px on a 1500 x 2000 slide
+    heat[:10, 8:] = 1.0  # = vmin: transparent
+    heat[10:, 8:] = 5.0  # = vmax: covered
+    boxes = np.array([[100, 1200, 300, 1400], [300, 1200, 500, 1400], [900, 100, 1100, 300]])
+    anomalous = np.array([True, True, False])
+    p = write_preview(tmp_path / "p.png", thumb, (1500, 2000), heat, (0, 0, 1500, 2000), vmin=1.0, vmax=5.0,
+                      title="slide-17", subtitle="2 Anomalous", tile_boxes=boxes, anomalous=anomalous)
+    assert [q.name for q in tmp_path.iterdir()] == ["p.png"]  # written through a temp name
     img = np.asarray(Image.open(p).convert("RGB"))
-    assert img.shape[0] >= 200 and img.shape[1] > 300
-    # the overlay changed pixels inside the heat extent but not the glass outside it
-    assert len(np.unique(img.reshape(-1, 3), axis=0)) > 20
+    bare, over = _panels(img, th, tw)
+    np.testing.assert_array_equal(bare[5:-5, 5:-5], thumb[5:-5, 5:-5].astype(int))  # the bare slide, untouched
+    diff = np.abs(over - bare).max(axis=2)
+    assert diff[5:95, 5:75].max() <= 2  # NaN (off tissue): the H&E as it is
+    assert diff[5:95, 85:145].max() <= 2  # score at the bottom of the range: transparent
+    covered = over[105:150, 85:145]  # (the legend sits in the lower right corner)
+    want = (255 * np.array(pv.heat_rgba(np.array([[5.0]]), 1.0, 5.0)[0, 0, :3])).astype(int)
+    a = pv.MAX_ALPHA
+    np.testing.assert_allclose(covered, a * want + (1 - a) * bare[105:150, 85:145], atol=3)  # alpha-blended
+    red = np.all(np.abs(over - np.array([220, 20, 60])) <= 40, axis=2)
+    assert red[115:145, 5:55].any() and not red[5:35, 85:115].any()  # the Anomalous pair outlined, not the third
+    assert not np.all(np.abs(bare - np.array([220, 20, 60])) <= 40, axis=2).any()
+    # no anomalies, no tiles, an all-NaN map and a landscape slide are fine too
+    p2 = write_preview(tmp_path / "q.png", thumb.transpose(1, 0, 2), (2000, 1500), np.full((4, 4), np.nan, np.float32),
+                       (0, 0, 2000, 1500), vmin=0.0, vmax=1.0, title="empty")
+    q = np.asarray(Image.open(p2))
+    assert q.shape[0] > q.shape[1]  # landscape: the panels stack
+
+
+def test_preview_outline_is_the_union_of_the_boxes():
+    from wsi_haloae.infer.preview import _outline_paths
+
+    (path,) = _outline_paths(np.array([[0, 0, 10, 10], [10, 0, 20, 10], [0, 10, 10, 20]]), 1.0, (30, 30))
+    corners = {(round(x), round(y)) for x, y in path}
+    assert {(0, 0), (20, 0), (20, 10), (10, 20), (0, 20)} <= corners  # one L-shaped outline, box edges exact
+    assert len(_outline_paths(np.array([[0, 0, 10, 10], [15, 15, 20, 20]]), 1.0, (30, 30))) == 2
 
 
 def test_unwritable_output_is_a_one_line_error(tmp_path):
@@ -218,9 +217,11 @@ def test_unwritable_output_is_a_one_line_error(tmp_path):
     blocker.write_text("x")
     with pytest.raises(OutputError, match="file.txt"):
         writers.check_writable(blocker / "out.zarr", "zarr store")
-    with pytest.raises(OutputError):
+    # the file writers leave the one-line message to their caller (infer names the output), and nothing behind
+    with pytest.raises(OSError):
         write_geojson(blocker / "t.geojson", np.array([0]), np.array([0]), 1.0, 1.0, np.array([1.0]), np.array([1.0]),
                       threshold=None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file.txt"]
 
 
 def test_pyramid_skips_absent_chunks_with_the_same_result(tmp_path):

@@ -7,12 +7,16 @@ from __future__ import annotations
 
 import logging
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 import click
 
 from . import __version__
+from .config import InferOptions
 from .errors import UserError
+from .infer.outputs import COHORT_DEFAULT
+from .infer.outputs import OPTIONS as OUTPUT_OPTIONS
 
 DEVICE = click.Choice(["auto", "cpu", "cuda"])
 
@@ -29,7 +33,35 @@ def _run(fn, *args, **kwargs):
         sys.exit(130)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _OneLineErrors(click.Group):
+    """Usage errors (a missing option, a bad value) end like every other error: one line, exit 2.
+
+    Click would print three lines (usage, a hint, "Error: ..."); the hint moves into the line. A bare
+    ``wsi-haloae`` still shows the help.
+    """
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            rv = super().main(args, prog_name, complete_var, False, **extra)
+        except click.exceptions.NoArgsIsHelpError as exc:
+            exc.show()
+            sys.exit(exc.exit_code)
+        except click.UsageError as exc:
+            where = exc.ctx.command_path if exc.ctx is not None else "wsi-haloae"
+            click.echo(f"error: {' '.join(exc.format_message().split())} (see {where} --help)", err=True)
+            sys.exit(exc.exit_code)
+        except click.ClickException as exc:
+            click.echo(f"error: {' '.join(exc.format_message().split())}", err=True)
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+@click.group(cls=_OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="wsi-haloae")
 @click.option("-v", "--verbose", count=True, help="More log output on stderr (-vv for debug).")
 def main(verbose: int) -> None:
@@ -62,6 +94,9 @@ def info(preset: str, model_path: Path | None) -> None:
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its resume file.")
 @click.option("--val-fraction", default=0.1, show_default=True, type=click.FloatRange(0, 0.5),
               help="Share of the normal tiles (whole slides when tiles.csv names >= 3) kept out to calibrate the model; 0: none.")
+@click.option("--checkpoint-minutes", default=10.0, show_default=True, type=click.FloatRange(min=0),
+              help="Write the resume file this often (and at every epoch end); 0: after every step.")
+@click.option("--compile", "compile", is_flag=True, help="torch.compile the model (for long GPU runs: a few minutes to compile, then faster steps).")
 def train(**kw) -> None:
     """Train HaloAE on normal tiles."""
     from .config import TrainConfig
@@ -103,6 +138,8 @@ def evaluate(model: Path, data: Path, as_json: bool, report: Path | None, device
 @click.argument("slide", type=click.Path(path_type=Path))
 @click.option("--out", required=True, type=click.Path(path_type=Path))
 @click.option("--mpp", type=click.FloatRange(min=0, min_open=True), help="Target microns per pixel (default: the slide's level 0).")
+@click.option("--magnification", help="Target as an objective power instead of --mpp: 20x = 0.5, 40x = 0.25 µm/px (10 / power).")
+@click.option("--slide-mpp", type=click.FloatRange(min=0, min_open=True), help="The scan's level-0 microns per pixel, for slides that do not record it (overrides the file's value).")
 @click.option("--tile-size", default=256, show_default=True, type=click.IntRange(min=16))
 @click.option("--stride", type=click.IntRange(min=1), help="Grid stride in target pixels (default: tile size).")
 @click.option("--min-tissue", default=0.5, show_default=True, type=click.FloatRange(0, 1))
@@ -119,35 +156,74 @@ def tiles(**kw) -> None:
     _run(run_tiles, TilesConfig(**kw))
 
 
-def _infer_options(f):
+_OPT = InferOptions()  # the defaults shown in --help are the dataclass's own
+
+
+def _infer_options(readers: str):
+    """Every ``InferOptions`` field a user sets, declared once for ``infer`` and ``cohort``.
+
+    ``readers``: the flag of ``workers`` (``--workers`` for infer; ``--infer-workers`` for cohort, where
+    ``--workers-per-job`` counts Dask workers). A new option is a field of ``InferOptions`` plus one line here.
+    """
     opts = [
-        click.option("--mpp", type=click.FloatRange(min=0, min_open=True), help="Target microns per pixel (default: the model's training mpp, else level 0)."),
-        click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1)),
-        click.option("--device", default="auto", type=DEVICE, show_default=True),
-        click.option("--pixel-downsample", default=4, show_default=True, type=click.IntRange(min=1), help="Slide pixels per heatmap pixel at level 0 of the map."),
-        click.option("--min-tissue", default=0.5, show_default=True, type=click.FloatRange(0, 1)),
+        click.option("--mpp", default=_OPT.mpp, type=click.FloatRange(min=0, min_open=True), help="Target microns per pixel (default: the model's training mpp, else level 0)."),
+        click.option("--magnification", default=_OPT.magnification, help="Target as an objective power instead of --mpp: 20x = 0.5, 40x = 0.25 µm/px (10 / power)."),
+        click.option("--slide-mpp", default=_OPT.slide_mpp, type=click.FloatRange(min=0, min_open=True), help="The scan's level-0 microns per pixel, for slides that do not record it (overrides the file's value)."),
+        click.option("--overlap", default=_OPT.overlap, show_default=True, type=float, help="Scoring windows overlap by this fraction of a tile (0, 0.5, 0.75 or 0.875) and their maps are blended: smoother maps for about 4x / 16x the model work at 0.5 / 0.75."),
+        click.option("--batch-size", default=_OPT.batch_size, show_default=True, type=click.IntRange(min=1), help="Tiles per model call (reduced to what fits in memory, with a warning)."),
+        click.option(readers, "workers", default=_OPT.workers, show_default=True, type=click.IntRange(min=0), help="Tile-reading processes per slide."),
+        click.option("--device", default=_OPT.device, type=DEVICE, show_default=True),
+        click.option("--pixel-downsample", default=_OPT.pixel_downsample, show_default=True, type=click.IntRange(min=1), help="Slide pixels per heatmap pixel at level 0 of the map."),
+        click.option("--min-tissue", default=_OPT.min_tissue, show_default=True, type=click.FloatRange(0, 1), help="Tissue fraction a tile needs to be scored (tiles at the slide's edges count their outside as glass)."),
+        click.option("--ngff", default=_OPT.ngff, type=click.Choice(["0.4", "0.5"]), show_default=True, help="OME-NGFF version of the .zarr store: 0.4 on Zarr 2 (QuPath 0.6 reads it) or 0.5 on Zarr 3."),
         click.option("--overwrite", is_flag=True, help="Redo outputs that are already complete."),
     ]
-    for o in reversed(opts):
-        f = o(f)
-    return f
+
+    def decorate(f):
+        for o in reversed(opts):
+            f = o(f)
+        return f
+
+    return decorate
+
+
+def _pop_options(kw: dict) -> InferOptions:
+    """The ``InferOptions`` among the parsed options (removed from ``kw``)."""
+    return InferOptions(**{f.name: kw.pop(f.name) for f in fields(InferOptions) if f.name in kw})
+
+
+def _output_options(cohort: bool):
+    """The extra outputs of the registry (``infer.outputs``): ``--tiff PATH`` for infer, ``--tiff/--no-tiff``
+    for cohort (each slide's file is named by the registry)."""
+
+    def decorate(f):
+        for name, kind in reversed(OUTPUT_OPTIONS.items()):
+            if cohort:
+                f = click.option(f"--{name}/--no-{name}", default=name in COHORT_DEFAULT, show_default=True,
+                                 help=f"Write each slide's {kind.what} (OUT/<id>{kind.cohort_suffix}).")(f)
+            else:
+                f = click.option(f"--{name}", type=click.Path(path_type=Path), help=kind.help)(f)
+        return f
+
+    return decorate
 
 
 @main.command()
 @click.argument("slide", type=click.Path(path_type=Path))
 @click.option("--model", required=True, type=click.Path(path_type=Path))
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Output .zarr store.")
-@click.option("--tiff", type=click.Path(path_type=Path), help="Also write a pyramidal OME-TIFF heatmap.")
-@click.option("--geojson", type=click.Path(path_type=Path), help="Also write QuPath tile objects (.geojson or .geojson.gz).")
-@click.option("--preview", type=click.Path(path_type=Path), help="Also write a PNG thumbnail with the heatmap overlaid.")
-@click.option("--workers", default=2, show_default=True, type=click.IntRange(min=0), help="Tile-reading processes.")
-@_infer_options
-def infer(**kw) -> None:
+@_output_options(cohort=False)
+@_infer_options("--workers")
+def infer(slide: Path, model: Path, out: Path, overwrite: bool, **kw) -> None:
     """Run a trained model over a whole slide and write anomaly heatmaps."""
     from .config import InferConfig
     from .infer.engine import run_infer
 
-    _run(run_infer, InferConfig(**kw))
+    options = _run(_pop_options, kw)  # a bad value is a one-line error, exit 2
+    extras = {name: kw.pop(name) for name in OUTPUT_OPTIONS}
+    result = _run(run_infer, InferConfig(slide=slide, model=model, out=out, outputs=extras, options=options,
+                                         overwrite=overwrite))
+    click.echo(result.line(), err=True)
 
 
 @main.command()
@@ -178,17 +254,16 @@ def demo(out: Path, device: str, backbone_weights: Path | None) -> None:
 @click.option("--scheduler-address", help="Join an existing Dask scheduler instead of starting a cluster.")
 @click.option("--dry-run", is_flag=True, help="Print the plan (and the job script) and exit.")
 @click.option("--retries", default=2, show_default=True, type=click.IntRange(min=0), help="Retries of a slide whose worker died.")
-@click.option("--infer-workers", default=2, show_default=True, type=click.IntRange(min=0), help="Tile-reading processes per slide.")
-@click.option("--tiff/--no-tiff", default=True, show_default=True)
-@click.option("--geojson/--no-geojson", default=True, show_default=True)
-@click.option("--preview/--no-preview", default=True, show_default=True)
-@_infer_options
+@_output_options(cohort=True)
+@_infer_options("--infer-workers")
 def cohort(job_extra: tuple[str, ...], **kw) -> None:
     """Run many slides on a Dask cluster (local, SLURM, PBS, SGE, LSF); resumable."""
     from .cohort import run_cohort
     from .config import CohortConfig
 
-    code = _run(run_cohort, CohortConfig(job_extra=tuple(job_extra), **kw))
+    options = _run(_pop_options, kw)  # a bad value is a one-line error, exit 2
+    extras = tuple(name for name in OUTPUT_OPTIONS if kw.pop(name))
+    code = _run(run_cohort, CohortConfig(job_extra=tuple(job_extra), options=options, outputs=extras, **kw))
     sys.exit(code or 0)
 
 

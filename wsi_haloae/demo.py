@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from .config import InferConfig, TilesConfig, TrainConfig
+from .config import InferConfig, InferOptions, TilesConfig, TrainConfig
 from .slide.synthetic import Disc, SyntheticSlideSpec, anomaly_mask, write_synthetic_slide
 
 MPP = 0.5
@@ -144,9 +144,10 @@ def run_demo(out: str | Path = "wsi-haloae-demo", device: str = "auto", train_st
                           batch_size=BATCH_SIZE, backbone_weights=backbone, device=device, workers=0, seed=0,
                           max_steps=train_steps))
 
-    cfg = InferConfig(slide=slide, model=model, out=out / "heatmap.zarr", tiff=out / "heatmap.ome.tif",
-                      geojson=out / "heatmap_tiles.geojson", preview=out / "heatmap.png", device=device,
-                      workers=1, batch_size=8, overwrite=True)
+    cfg = InferConfig(slide=slide, model=model, out=out / "heatmap.zarr",
+                      outputs={"tiff": out / "heatmap.ome.tif", "geojson": out / "heatmap_tiles.geojson",
+                               "preview": out / "heatmap.png"},
+                      options=InferOptions(device=device, workers=1, batch_size=8, progress=True), overwrite=True)
     log("running infer on the whole demo slide")
     summary = run_infer(cfg)
     check = _check(spec, cfg.out)

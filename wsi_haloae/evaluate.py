@@ -25,9 +25,9 @@ from tqdm import tqdm
 
 from .errors import BadInputError, BadTilesError, OutputError
 from .fileio import write_text_atomic
+from .images import IMAGE_SUFFIXES, read_image, resize_rgb, warn_rescaled
 from .metrics import PixelScores, image_auroc
 from .scoring import Calibration
-from .train.data import IMAGE_SUFFIXES, TILE_SIZE, read_rgb, resize_rgb, to_tensor
 
 log = logging.getLogger(__name__)
 
@@ -87,11 +87,14 @@ def _read_mask(item: TestImage, shape: tuple[int, int]) -> np.ndarray:
     return m
 
 
-def _read_image(item: TestImage) -> np.ndarray:
+def _read_image(item: TestImage, rescaled: list[tuple[Path, str]] | None = None) -> np.ndarray:
     try:
-        return read_rgb(item.path)
-    except (OSError, ValueError, SyntaxError) as exc:
+        image = read_image(item.path)
+    except (OSError, ValueError) as exc:  # images.ImageReadError is a ValueError
         raise BadInputError(f"{item.path}: unreadable test image ({exc})") from None
+    if image.note and rescaled is not None:
+        rescaled.append((item.path, image.note))
+    return image.pixels
 
 
 def _upsample(pp: torch.Tensor, shape: tuple[int, int]) -> np.ndarray:
@@ -111,6 +114,7 @@ def run_evaluate(
     """Evaluate a model file on an MVTec-layout folder; prints JSON or a table on stdout and returns the figures."""
     from .model import load_model, postprocess, tile_scores
     from .model.device import resolve_device
+    from .model.inputs import stack_tiles
 
     dev = resolve_device(device)
     items = find_test_set(Path(data))
@@ -123,11 +127,13 @@ def run_evaluate(
     maxes: list[float] = []
     maps64: list[torch.Tensor] = []
     shapes: list[tuple[int, int]] = []
+    rescaled: list[tuple[Path, str]] = []
+    size = net.config.tile_size
     with tqdm(total=len(items), desc="evaluating", unit="img", leave=False) as bar:
         for start in range(0, len(items), batch_size):
             chunk = items[start : start + batch_size]
-            full = [_read_image(it) for it in chunk]
-            x = torch.stack([to_tensor(resize_rgb(a, TILE_SIZE)) for a in full]).to(dev)
+            full = [_read_image(it, rescaled) for it in chunk]
+            x = stack_tiles([resize_rgb(a, size) for a in full]).to(dev)
             with torch.no_grad():
                 pp = postprocess(net.anomaly_map(x), loaded.mean_map).float()
             mean, mx = tile_scores(pp)
@@ -140,6 +146,7 @@ def run_evaluate(
                 maps64.append(m.cpu())
                 shapes.append(shape)
             bar.update(len(chunk))
+    warn_rescaled(Path(data) / "test", rescaled, len(items))
     if len(set(labels)) < 2:
         log.warning("%s: the test set has only %s images; image AUROC is undefined", data, "anomalous" if labels[0] else "normal")
     result: dict[str, Any] = {

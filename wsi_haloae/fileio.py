@@ -11,7 +11,8 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
-from collections.abc import Iterator, Mapping
+import shutil
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -22,6 +23,64 @@ def temp_name(path: Path) -> Path:
     """The temp name of ``path`` for this process: ``.NAME.PID.part`` beside it."""
     path = Path(path)
     return path.with_name(f".{path.name}.{os.getpid()}.part")
+
+
+def partial_name(path: Path) -> Path:
+    """The temp name of an output written under its ``output_lock``: ``.NAME.partial.EXT`` beside it.
+
+    Fixed rather than per process: the lock already keeps a second run away, and a fixed name lets the next
+    run find and remove what a killed run left (a half-written store can be gigabytes). It ends with the
+    output's extension, for writers that choose a format by it (``.geojson.gz`` is gzipped).
+    """
+    path = Path(path)
+    return path.with_name(f".{path.name}.partial{path.suffix}")
+
+
+def remove_path(path: Path) -> None:
+    """Remove a file or folder if it is there; never raises (it runs while another error is reported)."""
+    path = Path(path)
+    try:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    except OSError:
+        pass
+
+
+def publish(moves: Sequence[tuple[Path, Path]]) -> None:
+    """Rename each finished temp onto its final path, in order, all or none.
+
+    For outputs that only make sense together (a store and the files made from it): each existing final
+    path (file or folder) is first moved aside to ``.NAME.old``; if any rename fails, the new ones are
+    removed and the old ones put back, so the finals are as before; the old ones are removed only once
+    every rename succeeded. Temps get the user's umask permissions. Raises the OSError.
+    """
+    done: list[tuple[Path, Path | None]] = []
+    try:
+        for tmp, final in moves:
+            tmp, final = Path(tmp), Path(final)
+            if tmp.is_file():
+                os.chmod(tmp, _default_mode())
+            old = None
+            if final.exists() or final.is_symlink():
+                old = final.with_name(f".{final.name}.old")
+                remove_path(old)
+                os.rename(final, old)
+            done.append((final, old))
+            os.rename(tmp, final)
+    except OSError:
+        for final, old in reversed(done):
+            remove_path(final)
+            if old is not None:
+                try:
+                    os.rename(old, final)
+                except OSError:
+                    pass
+        raise
+    for _, old in done:
+        if old is not None:
+            remove_path(old)
 
 
 def os_reason(exc: BaseException) -> str:
@@ -86,16 +145,13 @@ def _resolved(p: Path) -> Path:
     return Path(os.path.abspath(Path(p).expanduser())).resolve(strict=False)
 
 
-def _inside(child: Path, parent: Path) -> bool:
-    return child != parent and parent in child.parents
-
-
-def _same_file(a: Path, b: Path) -> bool:
-    """True for hard links (and anything else ``samefile`` sees as one file)."""
+def _file_id(p: Path) -> tuple[int, int] | None:
+    """(device, inode) of an existing file (symlinks followed): equal ids are one file, hard links included."""
     try:
-        return os.path.samefile(a, b)
+        st = os.stat(p)
     except OSError:
-        return False
+        return None
+    return st.st_dev, st.st_ino
 
 
 def guard_outputs(outputs: Mapping[str, Path | None], inputs: Mapping[str, Path | None]) -> None:
@@ -104,27 +160,43 @@ def guard_outputs(outputs: Mapping[str, Path | None], inputs: Mapping[str, Path 
     ``outputs``/``inputs`` map a label the user recognises (``--tiff``, ``slide``) to a path; ``None`` entries
     are ignored. An output may not be an input (same path, a symlink to it, or a hard link of it), lie inside
     an input folder, or be a folder (a Zarr store, a tile folder) that holds an input. Outputs must differ and
-    not nest. Raises one-line ``OutputError``.
+    not nest. Raises one-line ``OutputError``. Lookups go through dicts, not pairs, so a cohort's thousands of
+    outputs against its thousands of slides cost milliseconds.
     """
     outs = [(k, Path(p), _resolved(p)) for k, p in outputs.items() if p is not None]
     ins = [(k, Path(p), _resolved(p)) for k, p in inputs.items() if p is not None]
+    in_path = {r: (k, p) for k, p, r in ins}
+    in_file = {fid: (k, p) for k, p, _ in ins if (fid := _file_id(p)) is not None}
+    in_holders: dict[Path, tuple[str, Path]] = {}  # every folder above an input
+    for k, p, r in ins:
+        for parent in r.parents:
+            in_holders.setdefault(parent, (k, p))
+    out_path: dict[Path, tuple[str, Path]] = {}
+    out_file: dict[tuple[int, int], tuple[str, Path]] = {}
     for olabel, opath, o in outs:
-        for ilabel, ipath, i in ins:
-            if o == i or _same_file(opath, ipath):
-                raise OutputError(f"{opath}: {olabel} would overwrite the {ilabel} {ipath}; choose another path")
-            if _inside(o, i):
+        fid = _file_id(opath)
+        hit = in_path.get(o) or (in_file.get(fid) if fid is not None else None)
+        if hit:
+            raise OutputError(f"{opath}: {olabel} would overwrite the {hit[0]} {hit[1]}; choose another path")
+        for parent in o.parents:
+            if parent in in_path:
+                ilabel, ipath = in_path[parent]
                 raise OutputError(f"{opath}: {olabel} lies inside the {ilabel} {ipath}; choose a path outside it")
-            if _inside(i, o):
-                raise OutputError(f"{opath}: {olabel} would replace a folder that holds the {ilabel} {ipath}; "
-                                  "choose another path")
-    for a in range(len(outs)):
-        for b in range(a + 1, len(outs)):
-            (la, pa, ra), (lb, pb, rb) = outs[a], outs[b]
-            if ra == rb or _same_file(pa, pb):
-                raise OutputError(f"{pa}: {la} and {lb} are the same path; give each output its own")
-            if _inside(ra, rb) or _inside(rb, ra):
-                inner, outer = (pa, pb) if _inside(ra, rb) else (pb, pa)
-                raise OutputError(f"{inner}: an output inside another output {outer}; give each output its own path")
+        if o in in_holders:
+            ilabel, ipath = in_holders[o]
+            raise OutputError(f"{opath}: {olabel} would replace a folder that holds the {ilabel} {ipath}; "
+                              "choose another path")
+        same = out_path.get(o) or (out_file.get(fid) if fid is not None else None)
+        if same:
+            raise OutputError(f"{same[1]}: {same[0]} and {olabel} are the same path; give each output its own")
+        out_path[o] = (olabel, opath)
+        if fid is not None:
+            out_file[fid] = (olabel, opath)
+    for _, opath, o in outs:
+        for parent in o.parents:
+            if parent in out_path:
+                raise OutputError(f"{opath}: an output inside another output {out_path[parent][1]}; "
+                                  "give each output its own path")
 
 
 # ------------------------------------------------------------------------------------------ one writer

@@ -13,15 +13,19 @@ import logging
 import sys
 import time
 import uuid
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from ..config import CohortConfig
+from ..config import CohortConfig, InferOptions
 from ..errors import BadInputError, BadModelFileError, OutputError
 from .clusters import SLIDE_RESOURCE, job_script, jobqueue_kwargs, local_shape, open_cluster
 from .report import write_reports
 from .slides import SlideEntry, collect_slides
-from .worker import RECORD_DIR, SlideTask, output_paths, process_slide, record_path, slide_stats
+from .worker import RECORD_DIR, SlideTask, process_slide, record_path, slide_row
+
+#: The status of a slide without tissue (``infer.engine.NO_TISSUE``; not imported from there: it loads torch).
+NO_TISSUE = "no tissue"
 
 __all__ = ["run_cohort", "collect_slides", "SlideEntry", "jobqueue_kwargs", "job_script"]
 
@@ -39,26 +43,34 @@ def _blank_row(e: SlideEntry, status: str, error: str = "") -> dict[str, Any]:
             "anomalous_tiles": None, "seconds": None, "host": None, "worker": None, "model_loads": None}
 
 
+def _extras(cfg: CohortConfig) -> tuple[str, ...]:
+    """The extra outputs of every slide, by option name (the registry's defaults unless the user chose)."""
+    from ..infer.outputs import COHORT_DEFAULT
+
+    return COHORT_DEFAULT if cfg.outputs is None else tuple(cfg.outputs)
+
+
 def _state(out: Path, e: SlideEntry, cfg: CohortConfig, sha: str) -> str:
     """'done' (complete store by this model and every requested output present), 'extras' (complete store,
     some requested file missing: infer adds just those), 'stale' (another model's result) or 'todo'."""
-    from ..infer.ome_tiff import rgb_path_for
-    from ..infer.writers import is_complete, read_attrs
+    from ..infer import outputs
+    from ..infer.writers import read_attrs
 
-    paths = output_paths(out, e.id, cfg.tiff, cfg.geojson, cfg.preview)
-    if not is_complete(paths["zarr"]):
+    paths = outputs.cohort_paths(out, e.id, _extras(cfg))
+    store = paths[outputs.STORE.name]
+    if not outputs.STORE.is_complete(store):
         return "todo"
-    if (read_attrs(paths["zarr"]).get("model") or {}).get("sha256") != sha:
+    if (read_attrs(store).get("model") or {}).get("sha256") != sha:
         return "stale"
-    extras = [p for k, p in paths.items() if k != "zarr" and p is not None]
-    if paths["tiff"] is not None:
-        extras.append(rgb_path_for(paths["tiff"]))
-    return "done" if all(p.exists() for p in extras) else "extras"
+    return "done" if all(outputs.BY_NAME[k].is_complete(p) for k, p in paths.items()) else "extras"
 
 
 def _skipped_row(out: Path, e: SlideEntry) -> dict[str, Any]:
     """A complete slide's row: figures from its store, host and seconds from the run that made it."""
     import json
+
+    from ..infer import outputs
+    from ..infer.writers import read_attrs
 
     row = _blank_row(e, "skipped")
     try:
@@ -67,8 +79,11 @@ def _skipped_row(out: Path, e: SlideEntry) -> dict[str, Any]:
     except (OSError, ValueError):
         pass  # complete outputs from a plain `infer` run: no record of where it ran
     try:
-        row.update(slide_stats(output_paths(out, e.id, False, False, False)["zarr"]))
-    except Exception as exc:  # noqa: BLE001 - a figure we cannot read is not a reason to redo the slide
+        attrs = read_attrs(outputs.cohort_paths(out, e.id, ())[outputs.STORE.name])
+        row.update(slide_row(attrs))
+        if attrs.get("status") == NO_TISSUE:
+            row["status"] = NO_TISSUE  # never hidden among the skipped: the slide still has no tissue
+    except (OSError, ValueError) as exc:  # a figure we cannot read is not a reason to redo the slide
         log.warning("%s: cannot read figures from its store (%s)", e.id, exc)
     return row
 
@@ -94,6 +109,33 @@ def _plan(entries: list[SlideEntry], out: Path, cfg: CohortConfig,
     return rows, todo, redo
 
 
+def _check_options(cfg: CohortConfig) -> None:
+    """Options that would fail every slide fail the command instead, before anything runs."""
+    if cfg.options.magnification is not None:
+        from ..slide.resolution import magnification_to_mpp
+
+        magnification_to_mpp(cfg.options.magnification)
+
+
+def _guard(cfg: CohortConfig, entries: list[SlideEntry], out: Path, model: Path) -> None:
+    """Before anything runs: no file the cohort writes may overwrite, or sit inside, an input (the model, the
+    manifest, any slide: e.g. a slide DIR/A.ome.tiff would be the OME-TIFF of slide A)."""
+    from ..fileio import guard_outputs
+    from ..infer.outputs import BY_NAME, cohort_paths
+
+    inputs: dict[str, Path] = {"--model": model}
+    if Path(cfg.slides).is_file():
+        inputs["manifest"] = Path(cfg.slides)
+    inputs.update({f"slide {e.id}": e.path for e in entries})
+    outputs: dict[str, Path] = {f"cohort {name}": out / name for name in ("cohort.csv", "cohort.json", "index.html")}
+    outputs["cohort records"] = out / RECORD_DIR
+    extras = _extras(cfg)
+    for e in entries:
+        for name, p in cohort_paths(out, e.id, extras).items():
+            outputs[f"the {BY_NAME[name].what} of slide {e.id}"] = p
+    guard_outputs(outputs, inputs)
+
+
 def _model_sha256(model: Path) -> str:
     """Load the model once here (CPU) so that a wrong model file fails the command, not every slide."""
     from ..model.checkpoint import load_model
@@ -109,18 +151,21 @@ def _print_plan(cfg: CohortConfig, entries: list[SlideEntry], rows: dict[str, di
     n_missing = sum(r["status"] == "failed" for r in rows.values())
     print(f"cohort plan: {len(entries)} slides from {cfg.slides}: {len(todo)} to run, {n_skip} complete (skipped), "
           f"{n_missing} missing")
-    print(f"outputs: {out}/<id>.zarr" + "".join(
-        f", <id>{s}" for s, on in ((".ome.tiff", cfg.tiff), (".geojson", cfg.geojson), (".png", cfg.preview)) if on)
-        + "; cohort.csv, cohort.json, index.html")
+    from ..infer.outputs import BY_NAME, cohort_paths
+
+    names = [BY_NAME[k].cohort_suffix for k in cohort_paths(out, "x", _extras(cfg))]
+    print(f"outputs: {out}/" + ", ".join(f"<id>{s}" for s in names) + "; cohort.csv, cohort.json, index.html")
     for e in todo:
-        print(f"  run   {e.id}\t{e.path}" + (f"\tmpp={e.mpp}" if e.mpp else ""))
+        print(f"  run   {e.id}\t{e.path}" + (f"\tmpp={e.mpp}" if e.mpp else "")
+              + (f"\tslide_mpp={e.slide_mpp}" if e.slide_mpp else ""))
     for r in rows.values():
         print(f"  {'skip' if r['status'] == 'skipped' else 'miss'}  {r['id']}\t{r['path']}")
     if cfg.scheduler_address:
         print(f"cluster: existing Dask scheduler at {cfg.scheduler_address}")
     elif cfg.cluster == "local":
         n, threads = local_shape(cfg)
-        print(f"cluster: local, {min(n, max(1, len(todo)))} worker process(es) x {threads} thread(s), device {cfg.device}")
+        print(f"cluster: local, {min(n, max(1, len(todo)))} worker process(es) x {threads} thread(s), "
+              f"device {cfg.options.device}")
     else:
         cls_name, kw = jobqueue_kwargs(cfg)
         jobs = min(cfg.jobs or 1, max(1, -(-len(todo) // cfg.workers_per_job)))  # never more jobs than slides
@@ -131,15 +176,20 @@ def _print_plan(cfg: CohortConfig, entries: list[SlideEntry], rows: dict[str, di
         print(job_script(cfg, out / RECORD_DIR / "logs"))
 
 
+def slide_options(options: InferOptions, e: SlideEntry) -> InferOptions:
+    """The cohort's options for one slide: a manifest's ``mpp`` replaces ``--mpp``/``--magnification`` and its
+    ``slide_mpp`` replaces ``--slide-mpp``, for that slide only."""
+    if e.mpp is not None:
+        options = replace(options, mpp=e.mpp, magnification=None)
+    if e.slide_mpp is not None:
+        options = replace(options, slide_mpp=e.slide_mpp)
+    return options
+
+
 def _task(e: SlideEntry, cfg: CohortConfig, out: Path, model: Path, sha: str, threads: int,
           overwrite: bool, echo: bool) -> SlideTask:
-    return SlideTask(
-        id=e.id, slide=str(e.path), out_dir=str(out), model=str(model), model_sha256=sha,
-        mpp=e.mpp if e.mpp is not None else cfg.mpp, device=cfg.device, threads=threads,
-        batch_size=cfg.batch_size, infer_workers=cfg.infer_workers, pixel_downsample=cfg.pixel_downsample,
-        min_tissue=cfg.min_tissue, tiff=cfg.tiff, geojson=cfg.geojson, preview=cfg.preview,
-        overwrite=overwrite, echo=echo,
-    )
+    return SlideTask(id=e.id, slide=str(e.path), out_dir=str(out), model=str(model), model_sha256=sha,
+                     options=slide_options(cfg.options, e), outputs=_extras(cfg), threads=threads, overwrite=overwrite, echo=echo)
 
 
 def _future_row(fut, e: SlideEntry, retries: int) -> dict[str, Any]:
@@ -204,18 +254,21 @@ def _run_tasks(cfg: CohortConfig, todo: list[SlideEntry], redo: set[str], rows: 
                     f.release()
                     rows[e.id] = row
                     if row["status"] == "failed":
-                        bar.write(f"cohort: {e.id} failed: {row['error']}")
+                        bar.write(f"cohort: {e.id} failed: {row['error']}", file=sys.stderr)
+                    elif row["status"] == NO_TISSUE:
+                        bar.write(f"cohort: {e.id}: no tissue found (no tile has >= {cfg.options.min_tissue:g} "
+                                  f"tissue)", file=sys.stderr)
                     bar.update(1)
                 if cl.keeper is not None:
                     lost = cl.keeper.check()
                     if lost:
                         bar.write(f"cohort: batch job(s) {', '.join(lost)} lost their workers (cancelled, walltime "
-                                  f"or node failure); submitted {len(lost)} replacement(s)")
+                                  f"or node failure); submitted {len(lost)} replacement(s)", file=sys.stderr)
                 now = time.monotonic()
                 if slots == 0:
                     no_worker_since = no_worker_since or now
                     if now - no_worker_since > 60:
-                        bar.write(f"cohort: still waiting for workers (see {out / RECORD_DIR / 'logs'})")
+                        bar.write(f"cohort: still waiting for workers (see {out / RECORD_DIR / 'logs'})", file=sys.stderr)
                         no_worker_since = now
                 else:
                     no_worker_since = None
@@ -229,7 +282,7 @@ def _run_tasks(cfg: CohortConfig, todo: list[SlideEntry], redo: set[str], rows: 
 
 
 def run_cohort(cfg: CohortConfig) -> int:
-    """Run a cohort; returns 0 when every slide is done or skipped, 1 when any failed."""
+    """Run a cohort; returns 0 when every slide is done, skipped or has no tissue, 1 when any failed."""
     if cfg.cluster not in ("local", "slurm", "pbs", "sge", "lsf"):
         raise BadInputError(f"--cluster {cfg.cluster!r}: use local, slurm, pbs, sge or lsf")
     if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
@@ -238,11 +291,13 @@ def run_cohort(cfg: CohortConfig) -> int:
         # Dask's INFO chatter (connections, nannies) would bury the progress bar; -vv shows it
         for name in ("distributed", "dask_jobqueue"):
             logging.getLogger(name).setLevel(logging.WARNING)
+    _check_options(cfg)
     entries = collect_slides(cfg.slides)
     out = Path(cfg.out).expanduser().resolve()
     if out.exists() and not out.is_dir():
         raise OutputError(f"{out}: exists and is not a folder")
     model = Path(cfg.model).expanduser().resolve()
+    _guard(cfg, entries, out, model)
     sha = _model_sha256(model)
     rows, todo, redo = _plan(entries, out, cfg, sha)
     if cfg.dry_run:
@@ -270,10 +325,14 @@ def run_cohort(cfg: CohortConfig) -> int:
             _run_tasks(cfg, todo, redo, rows, out, model, sha, len(entries), write)
     finally:
         write()
-    counts = {s: sum(r["status"] == s for r in rows.values()) for s in ("done", "skipped", "failed")}
-    line = (f"cohort: {counts['done']} done, {counts['skipped']} skipped, {counts['failed']} failed of "
-            f"{len(entries)} slides in {time.time() - t0:.1f}s; table {out / 'cohort.csv'}, page {out / 'index.html'}")
+    counts = {s: sum(r["status"] == s for r in rows.values()) for s in ("done", NO_TISSUE, "skipped", "failed")}
+    line = (f"cohort: {counts['done']} done, {counts[NO_TISSUE]} no tissue, {counts['skipped']} skipped, "
+            f"{counts['failed']} failed of {len(entries)} slides in {time.time() - t0:.1f}s; table "
+            f"{out / 'cohort.csv'}, page {out / 'index.html'}")
     _eprint(line)
+    if counts[NO_TISSUE]:
+        _eprint(f"cohort: {counts[NO_TISSUE]} slide(s) with no tissue (status 'no tissue' in {out / 'cohort.csv'}): "
+                f"check them, or lower --min-tissue")
     if counts["failed"]:
         _eprint(f"cohort: {counts['failed']} of {len(entries)} slides failed (see the error column of {out / 'cohort.csv'})")
         return 1

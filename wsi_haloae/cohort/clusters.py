@@ -42,18 +42,18 @@ def gpu_count() -> int:
 def local_shape(cfg: CohortConfig) -> tuple[int, int]:
     """(workers, threads per worker) of a local cluster: one worker per GPU, else one per infer_workers+1 cores."""
     cpus = os.cpu_count() or 1
-    gpus = gpu_count() if cfg.device != "cpu" else 0
+    gpus = gpu_count() if cfg.options.device != "cpu" else 0
     if cfg.jobs:
         n = cfg.jobs
     elif gpus:
         n = gpus
     else:
-        n = max(1, cpus // (cfg.infer_workers + 1))
+        n = max(1, cpus // (cfg.options.workers + 1))
     return n, max(1, cpus // n)
 
 
 def job_cores(cfg: CohortConfig) -> int:
-    return cfg.cores or cfg.workers_per_job * (cfg.infer_workers + 1)
+    return cfg.cores or cfg.workers_per_job * (cfg.options.workers + 1)
 
 
 def jobqueue_kwargs(cfg: CohortConfig, log_directory: Path | None = None) -> tuple[str, dict[str, Any]]:

@@ -52,7 +52,7 @@ body{font:14px system-ui,sans-serif;margin:1.5em;color:#222}table{border-collaps
 th,td{border-bottom:1px solid #ddd;padding:4px 8px;text-align:left;vertical-align:middle}
 th[data-sort]{cursor:pointer;user-select:none;background:#f4f4f4}th.asc:after{content:' \\25B2'}th.desc:after{content:' \\25BC'}
 td.num{text-align:right;font-variant-numeric:tabular-nums}img{max-width:220px;max-height:160px;display:block}
-tr.failed{background:#fde8e8}tr.skipped td.status{color:#666}.err{max-width:30em;font-size:12px;color:#a00}
+tr.failed{background:#fde8e8}tr.no-tissue{background:#fff6dd}tr.skipped td.status{color:#666}.err{max-width:30em;font-size:12px;color:#a00}
 """
 
 
@@ -90,7 +90,7 @@ def to_html(rows: list[dict[str, Any]], out_dir: Path, title: str) -> str:
             text = html.escape(_fmt(v))
             cls = ' class="num"' if num else (' class="err"' if c == "error" else f' class="{c}"')
             cells.append(f'<td{cls} data-v="{text}">{text}</td>')
-        body.append(f'<tr class="{html.escape(r["status"])}">{"".join(cells)}</tr>')
+        body.append(f'<tr class="{html.escape(r["status"].replace(" ", "-"))}">{"".join(cells)}</tr>')
     return (
         "<!doctype html>\n<html><head><meta charset=\"utf-8\">"
         f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>\n"

@@ -13,32 +13,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import BadInputError
+from ..slide.ids import BAD_ID_CHARS as _BAD_ID_CHARS
+from ..slide.ids import SLIDE_EXTENSIONS, slide_id
 
-#: File extensions OpenSlide opens as one slide. DICOM slides are folders of .dcm files (one per level).
-SLIDE_EXTENSIONS = (".svs", ".ndpi", ".tif", ".tiff", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide", ".dcm")
-_MULTI_SUFFIXES = (".ome.tiff", ".ome.tif")
 _GLOB_CHARS = re.compile(r"[*?\[]")
-_BAD_ID_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
 
 
 @dataclass(frozen=True)
 class SlideEntry:
-    """One slide of the cohort: output id, absolute path, and an optional per-slide mpp (manifest)."""
+    """One slide of the cohort: output id, absolute path, and optional per-slide resolutions (manifest): the
+    target ``mpp`` and the scan's level-0 ``slide_mpp`` (for slides that do not record it)."""
 
     id: str
     path: Path
     mpp: float | None = None
-
-
-def slide_id(path: Path) -> str:
-    """File name without its slide extension, reduced to characters that are safe in any file system."""
-    name = path.name
-    low = name.lower()
-    for suf in _MULTI_SUFFIXES + SLIDE_EXTENSIONS:
-        if low.endswith(suf):
-            name = name[: -len(suf)]
-            break
-    return _BAD_ID_CHARS.sub("_", name).strip("._") or "slide"
+    slide_mpp: float | None = None
 
 
 def _is_slide_file(p: Path) -> bool:
@@ -95,7 +84,7 @@ def _from_glob(pattern: str) -> list[SlideEntry]:
 
 
 def _from_manifest(path: Path) -> list[SlideEntry]:
-    """CSV with a `slide` column (paths relative to the manifest's folder), optional `id` and `mpp`."""
+    """CSV with a `slide` column (paths relative to the manifest's folder), optional `id`, `mpp`, `slide_mpp`."""
     try:
         text = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:
@@ -123,16 +112,22 @@ def _from_manifest(path: Path) -> list[SlideEntry]:
         if sid.lower() in ids:
             raise BadInputError(f"{path}:{lineno}: id {sid!r} already used on line {ids[sid.lower()]}; ids must be unique")
         ids[sid.lower()] = lineno
-        mpp = None
-        if row.get("mpp"):
-            try:
-                mpp = float(row["mpp"])
-            except ValueError:
-                mpp = -1.0
-            if not mpp > 0:
-                raise BadInputError(f"{path}:{lineno}: mpp {row['mpp']!r} is not a positive number")
-        entries.append(SlideEntry(sid, p, mpp))
+        mpp, slide_mpp = (_positive(path, lineno, row, col) for col in ("mpp", "slide_mpp"))
+        entries.append(SlideEntry(sid, p, mpp, slide_mpp))
     return entries
+
+
+def _positive(path: Path, lineno: int, row: dict[str, str], col: str) -> float | None:
+    """The manifest's ``col`` value on this row: None when empty, else a positive number."""
+    if not row.get(col):
+        return None
+    try:
+        v = float(row[col])
+    except ValueError:
+        v = -1.0
+    if not (v > 0 and v != float("inf")):
+        raise BadInputError(f"{path}:{lineno}: {col} {row[col]!r} is not a positive number")
+    return v
 
 
 def collect_slides(spec: str) -> list[SlideEntry]:

@@ -7,8 +7,6 @@ error: a bad slide never raises into Dask, so Dask's own retries are left for wo
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import logging
 import multiprocessing
@@ -19,10 +17,11 @@ import sys
 import threading
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from ..config import InferConfig, InferOptions
 from ..fileio import write_text_atomic
 
 log = logging.getLogger(__name__)
@@ -32,35 +31,22 @@ RECORD_DIR = ".cohort"  # DIR/.cohort/<id>.json: the row of a finished slide, re
 
 @dataclass(frozen=True)
 class SlideTask:
-    """Everything a worker needs for one slide (plain data: it travels to the worker pickled)."""
+    """Everything a worker needs for one slide (plain data: it travels to the worker pickled).
+
+    ``options`` is the cohort's ``InferOptions`` passed whole (with the manifest's mpp for this slide, if any);
+    ``outputs`` the extra outputs by option name (``infer.outputs``).
+    """
 
     id: str
     slide: str
     out_dir: str
     model: str
     model_sha256: str
-    mpp: float | None
-    device: str
+    options: InferOptions
+    outputs: tuple[str, ...]
     threads: int
-    batch_size: int
-    infer_workers: int
-    pixel_downsample: int
-    min_tissue: float
-    tiff: bool
-    geojson: bool
-    preview: bool
     overwrite: bool = False
     echo: bool = False  # print each slide's summary line on the worker's stderr (job logs), not on a local console
-
-
-def output_paths(out_dir: Path, sid: str, tiff: bool, geojson: bool, preview: bool) -> dict[str, Path | None]:
-    """The files one slide produces in the cohort folder."""
-    return {
-        "zarr": out_dir / f"{sid}.zarr",
-        "tiff": out_dir / f"{sid}.ome.tiff" if tiff else None,
-        "geojson": out_dir / f"{sid}.geojson" if geojson else None,
-        "preview": out_dir / f"{sid}.png" if preview else None,
-    }
 
 
 def record_path(out_dir: Path, sid: str) -> Path:
@@ -141,31 +127,11 @@ def model_loads() -> int:
 
 
 # ------------------------------------------------------------------------------------------------ the task
-def slide_stats(out_zarr: Path) -> dict[str, Any]:
-    """Cohort figures of a finished store: tiles, tissue fraction, and mean/p95/max of the tile score.
-
-    The tile score is the tile's mean anomaly (the per-tile value infer thresholds and exports); the tissue
-    fraction is the tissue mask's share of the slide; anomalous tiles are those above the slide's threshold.
-    """
-    import numpy as np
-
-    from ..infer.writers import open_store, read_attrs
-
-    attrs = read_attrs(out_zarr)
-    g = open_store(out_zarr)
-    scores = np.asarray(g["tiles/score_mean"][:], dtype=np.float64)
-    scores = scores[np.isfinite(scores)]
-    mask = g["mask"][:]
-    thr = (attrs.get("threshold") or {}).get("value")
-    has = scores.size > 0
-    return {
-        "tiles": int(attrs.get("tiles", {}).get("tissue", scores.size)),
-        "tissue_fraction": round(float(mask.mean()), 4) if mask.size else None,
-        "score_mean": float(scores.mean()) if has else None,
-        "score_p95": float(np.quantile(scores, 0.95)) if has else None,
-        "score_max": float(scores.max()) if has else None,
-        "anomalous_tiles": int((scores > thr).sum()) if has and thr is not None else None,
-    }
+def slide_row(attrs: dict[str, Any]) -> dict[str, Any]:
+    """A slide's cohort figures, as its store records them (attribute ``summary``; see infer.engine)."""
+    summary = attrs.get("summary") or {}
+    return {k: summary.get(k) for k in ("tiles", "tissue_fraction", "score_mean", "score_p95", "score_max",
+                                        "anomalous_tiles")}
 
 
 def _write_record(path: Path, row: dict[str, Any]) -> None:
@@ -174,7 +140,7 @@ def _write_record(path: Path, row: dict[str, Any]) -> None:
 
 
 def process_slide(task: SlideTask) -> dict[str, Any]:
-    """Run inference on one slide; always returns the slide's cohort row (status done or failed)."""
+    """Run inference on one slide; always returns the slide's cohort row (status done, no tissue or failed)."""
     t0 = time.perf_counter()
     row: dict[str, Any] = {
         "id": task.id, "path": task.slide, "status": "failed", "error": "",
@@ -184,31 +150,28 @@ def process_slide(task: SlideTask) -> dict[str, Any]:
     try:
         import torch
 
-        from ..config import InferConfig
+        from ..infer import outputs
         from ..infer.engine import run_infer
 
         torch.set_num_threads(task.threads or _threads_per_slide())  # Dask sets OMP_NUM_THREADS=1 in workers
-        readers = task.infer_workers
+        opts = task.options
+        readers = opts.workers
         if readers and multiprocessing.current_process().daemon:
             # a daemonic worker (an external cluster started without DASK_DISTRIBUTED__WORKER__DAEMON=False)
             # cannot start tile-reader processes: read tiles in the worker itself
             log.warning("slide %s: daemonic Dask worker, reading tiles without reader processes", task.id)
             readers = 0
-        device = worker_device(task.device)
+        device = worker_device(opts.device)
         loaded = cached_model(task.model, task.model_sha256, device)
-        paths = output_paths(Path(task.out_dir), task.id, task.tiff, task.geojson, task.preview)
-        cfg = InferConfig(
-            slide=Path(task.slide), model=Path(task.model), out=paths["zarr"], tiff=paths["tiff"],
-            geojson=paths["geojson"], preview=paths["preview"], mpp=task.mpp, batch_size=task.batch_size,
-            workers=readers, device=device, pixel_downsample=task.pixel_downsample,
-            min_tissue=task.min_tissue, overwrite=task.overwrite, progress=False,
-        )
-        with contextlib.redirect_stderr(io.StringIO()) as said:
-            run_infer(cfg, loaded=loaded)  # its one-line summary goes to the worker log, not the cohort's bar
-        if task.echo:  # batch jobs: the engine's summary line goes to the job's log
-            print(said.getvalue().strip(), file=sys.__stderr__, flush=True)
-        row.update(slide_stats(paths["zarr"]))
-        row["status"] = "done"
+        paths = outputs.cohort_paths(Path(task.out_dir), task.id, task.outputs)
+        cfg = InferConfig(slide=Path(task.slide), model=Path(task.model), out=paths[outputs.STORE.name],
+                          outputs=outputs.requests(paths), overwrite=task.overwrite, slide_id=task.id,
+                          options=replace(opts, device=device, workers=readers, progress=False))
+        result = run_infer(cfg, loaded=loaded)
+        if task.echo:  # batch jobs: the summary line goes to the job's log, not to the cohort's console
+            print(result.line(), file=sys.stderr, flush=True)
+        row.update(slide_row({"summary": result.summary}))
+        row["status"] = result.outcome  # "done", or "no tissue": a complete result, neither done nor failed
     except Exception as exc:  # noqa: BLE001 - every failure is this slide's, recorded, never raised
         row["error"] = one_line(exc)
         from ..errors import UserError
@@ -217,6 +180,6 @@ def process_slide(task: SlideTask) -> dict[str, Any]:
             log.error("slide %s failed:\n%s", task.id, traceback.format_exc())
     row["seconds"] = round(time.perf_counter() - t0, 2)
     row["model_loads"] = model_loads()
-    if row["status"] == "done":
+    if row["status"] != "failed":
         _write_record(record_path(Path(task.out_dir), task.id), row)
     return row

@@ -26,12 +26,17 @@ log = logging.getLogger(__name__)
 class TileDataset(Dataset):
     """Item ``i`` → (uint8 tensor (3, T, T), i, ok). ``ok`` is False when the tile could not be read."""
 
-    def __init__(self, slide: str | Path, xs: np.ndarray, ys: np.ndarray, tile_size: int, mpp: float | None):
+    def __init__(self, slide: str | Path, xs: np.ndarray, ys: np.ndarray, tile_size: int, mpp: float | None,
+                 *, scale: float | None = None, fill: tuple[int, int, int] | None = None):
+        """``scale`` (level-0 px per tile px, e.g. ``TileGrid.scale``, which holds a declared ``--slide-mpp``)
+        replaces ``mpp`` when given; ``fill``: the padding of edge tiles (``TileGrid.background``)."""
         self.slide = str(slide)
         self.xs = np.asarray(xs, dtype=np.int64)
         self.ys = np.asarray(ys, dtype=np.int64)
         self.tile_size = int(tile_size)
         self.mpp = mpp
+        self.scale = scale
+        self.fill = fill
 
     def __len__(self) -> int:
         return int(self.xs.size)
@@ -40,7 +45,11 @@ class TileDataset(Dataset):
         t = self.tile_size
         try:
             reader = open_slide(self.slide)
-            tile = reader.read_tile(int(self.xs[i]), int(self.ys[i]), t, self.mpp)
+            x, y = int(self.xs[i]), int(self.ys[i])
+            if self.scale is not None:
+                tile = reader.read_scaled(x, y, t, t, self.scale, self.fill)
+            else:
+                tile = reader.read_tile(x, y, t, self.mpp, self.fill)
             if tile.shape != (t, t, 3):
                 raise BadSlideError(f"tile {i}: got shape {tile.shape}")
         except BadSlideError as exc:  # TileReadError is one; so is a slide that vanished mid-run

@@ -1,11 +1,15 @@
-"""Whole-slide inference: tiles → DataLoader workers → model on the device → writer thread → OUT.zarr.
+"""Whole-slide inference: windows → DataLoader workers → model on the device → writer thread → OUT.zarr.
 
-Three stages overlap. Worker processes read and decode tiles (one slide handle each); the main thread only
-moves batches to the device and runs the model (bf16 autocast + channels_last on CUDA, normalisation on
-the device); a writer thread behind a bounded queue pastes the maps into zarr chunks, so the device never
-waits for compression or disk. Everything lands in a temp store that is renamed onto OUT.zarr only after
-its completion marker is written (see writers.py): a run killed at any point leaves no complete-looking
-output, and a rerun starts clean.
+The windows are the slide's tiles (edge tiles included, read padded), or with ``--overlap`` the overlapping
+windows around them (``_plan_map``). Three stages overlap. Worker processes read and decode windows (one
+slide handle each); the main thread only moves batches to the device and runs the model (bf16 autocast +
+channels_last on CUDA, normalisation on the device); a writer thread behind a bounded queue blends the maps
+into zarr chunks (``assembler.MapAssembler``, glass NaN'd by ``tissue_map.MapTissue``), so the device never
+waits for compression or disk. Everything lands in a temp store; the extras (``infer.outputs``) are written
+from it under temp names, and all of them are renamed onto their final names together, the store last,
+only after its completion marker is written (see writers.py): a run killed or failing at any point (a full
+disk included) leaves no complete-looking output, and a rerun starts clean. Every output is guarded
+against the inputs and locked (``fileio``) for the whole run.
 """
 
 from __future__ import annotations
@@ -15,10 +19,11 @@ import logging
 import math
 import multiprocessing
 import queue
-import shutil
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,22 +34,31 @@ import torch.nn.functional as F
 
 from .. import __version__
 from ..config import InferConfig
-from ..errors import BadInputError, BadSlideError
+from ..errors import BadInputError, BadModelFileError, BadSlideError, OutputError
+from ..fileio import guard_outputs, output_lock, partial_name, publish, remove_path, write_error
 from ..model.device import resolve_device
-from . import writers
-from .geojson import robust_threshold, write_geojson
-from .ome_tiff import rgb_path_for, write_ome_tiff
-from .preview import write_preview
+from ..slide.ids import slide_id
+from . import batch, outputs, writers
+from .assembler import MapAssembler, blend_window, tile_scores_from_windows
+from .geojson import robust_threshold
+from .outputs import STORE
+from .tissue_map import MapTissue
 
 log = logging.getLogger(__name__)
 
-PREVIEW_SIZE = 1024
 QUEUE_BATCHES = 8
 
 
 @dataclass
-class InferSummary:
-    """What one ``infer`` run did; ``status`` is "done" or "skipped" (a complete output was already there)."""
+class InferResult:
+    """What one ``infer`` run did. ``status``: "done", "no tissue" (done, but the slide has no tile with
+    ``--min-tissue`` tissue: a complete, empty result), or "skipped" (a complete store was already there).
+
+    ``outcome``: what the store records ("done" or "no tissue"), also on a skip. ``outputs``: every file of
+    the slide by kind name (``infer.outputs``); ``written``: on a skip, the extras that were missing and were
+    made from the existing store. ``summary``: the slide's figures as the store records them (attribute
+    ``summary``), the row ``cohort`` shows. ``windows``: the windows scored (= tiles at overlap 0).
+    """
 
     slide: str
     out: str
@@ -57,10 +71,31 @@ class InferSummary:
     device: str = ""
     mpp: float | None = None
     outputs: dict[str, str] = field(default_factory=dict)
+    written: list[str] = field(default_factory=list)
+    summary: dict[str, Any] = field(default_factory=dict)
+    outcome: str = "done"
+    windows: int = 0
+    overlap: float = 0.0
+    min_tissue: float | None = None
+    tissue_scored: float | None = None  # share of the tissue-mask pixels the map scores
+
+    @classmethod
+    def from_attrs(cls, attrs: dict[str, Any], slide: Path, status: str, seconds: float,
+                   outputs: dict[str, Path], **kw) -> "InferResult":
+        tiles = attrs.get("tiles", {})
+        return cls(slide=str(slide), out=str(outputs[STORE.name]), status=status, tiles_grid=tiles.get("grid", 0),
+                   tiles_tissue=tiles.get("tissue", 0), tiles_failed=tiles.get("failed", 0), seconds=seconds,
+                   model_seconds=attrs.get("model_seconds", 0.0) if status != "skipped" else 0.0,
+                   device=attrs.get("device", ""), mpp=attrs.get("target_mpp"),
+                   outputs={k: str(v) for k, v in outputs.items()}, summary=dict(attrs.get("summary") or {}),
+                   outcome=attrs.get("status", "done"), windows=(attrs.get("windows") or {}).get("n", 0),
+                   overlap=attrs.get("overlap", 0.0), min_tissue=attrs.get("min_tissue"),
+                   tissue_scored=(attrs.get("map") or {}).get("scored_fraction"), **kw)
 
     @property
     def tiles_per_s(self) -> float:
-        """End to end: tissue tiles over the whole run (open, grid, read, model, write, pyramid, extras)."""
+        """End to end: tissue (grid) tiles over the whole run (open, grid, read, model, write, pyramid, extras),
+        whatever the overlap: how fast a slide is done."""
         return self.tiles_tissue / self.seconds if self.seconds > 0 else 0.0
 
     @property
@@ -75,37 +110,32 @@ class InferSummary:
         return d
 
     def line(self) -> str:
+        """The one-line summary the CLI prints on stderr."""
         outs = ", ".join(self.outputs.values()) or self.out
         if self.status == "skipped":
-            return f"{self.slide}: already complete, left alone: {outs} (use --overwrite to redo)"
-        return (f"{self.slide}: {self.tiles_tissue} tiles ({self.tiles_failed} unreadable) in {self.seconds:.1f} s, "
-                f"{self.tiles_per_s:.1f} tiles/s end to end, {self.model_tiles_per_s:.1f} tiles/s in the model "
-                f"[{self.device}] -> {outs}")
+            made = f" (wrote the missing {', '.join(self.written)})" if self.written else ""
+            what = " (no tissue)" if self.outcome == NO_TISSUE else ""
+            return f"{self.slide}: already complete{what}, left alone: {outs} (use --overwrite to redo){made}"
+        if self.status == NO_TISSUE:
+            return f"{self.slide}: no tissue ({no_tissue_reason(self.tiles_grid, self.min_tissue)}) -> {outs}"
+        windows = f", {self.windows} windows at overlap {self.overlap:g}" if self.overlap else ""
+        scored = f", {self.tissue_scored:.1%} of the tissue scored" if self.tissue_scored is not None else ""
+        return (f"{self.slide}: {self.tiles_tissue} tiles ({self.tiles_failed} unreadable{windows}{scored}) in "
+                f"{self.seconds:.1f} s, {self.tiles_per_s:.1f} tiles/s end to end, {self.model_tiles_per_s:.1f} "
+                f"tiles/s in the model [{self.device}] -> {outs}")
 
+
+#: ``InferResult.status`` / the store's ``status`` of a slide without a tile of tissue.
+NO_TISSUE = "no tissue"
+
+
+def no_tissue_reason(grid_tiles: int, min_tissue: float | None) -> str:
+    thr = f"{min_tissue:g}" if min_tissue is not None else "--min-tissue"
+    return f"0 of {grid_tiles} grid tiles have >= {thr} tissue"
 
 
 def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-
-
-def _outputs(cfg: InferConfig) -> dict[str, Path]:
-    outs = {"zarr": Path(cfg.out)}
-    if cfg.tiff:
-        outs["tiff"] = Path(cfg.tiff)
-        outs["tiff_rgb"] = rgb_path_for(cfg.tiff)
-    if cfg.geojson:
-        outs["geojson"] = Path(cfg.geojson)
-    if cfg.preview:
-        outs["preview"] = Path(cfg.preview)
-    return outs
-
-
-def _check_outputs(outs: dict[str, Path]) -> None:
-    for key, p in outs.items():
-        writers.check_writable(p, "zarr store" if key == "zarr" else key)
-    paths = [p.absolute() for p in outs.values()]
-    if len(set(paths)) != len(paths):
-        raise BadInputError("output paths must differ: " + ", ".join(str(p) for p in outs.values()))
 
 
 def _block_for(tile_size: int, fm_size: int, pixel_downsample: int) -> int:
@@ -120,13 +150,23 @@ def _block_for(tile_size: int, fm_size: int, pixel_downsample: int) -> int:
     return b
 
 
-class _Writer(threading.Thread):
-    """Drains (indices, blocks, ok) batches into the chunk assembler; the first error is kept for the caller."""
+@contextmanager
+def _writing(path: Path, what: str) -> Iterator[None]:
+    """An OSError while writing (a full disk, a lost mount) becomes one line naming the output."""
+    try:
+        yield
+    except OSError as exc:
+        raise write_error(path, what, exc) from None
 
-    def __init__(self, assembler: writers.ChunkAssembler):
+
+class _Writer(threading.Thread):
+    """Drains (indices, blocks, ok) batches into the map assembler; the first error is kept for the caller."""
+
+    def __init__(self, assembler: MapAssembler, out: Path):
         super().__init__(name="wsi-haloae-writer", daemon=True)
         self.q: queue.Queue = queue.Queue(maxsize=QUEUE_BATCHES)
         self.asm = assembler
+        self.out = out
         self.error: BaseException | None = None
 
     def run(self) -> None:
@@ -138,8 +178,9 @@ class _Writer(threading.Thread):
                 continue  # keep draining so the producer never blocks on a dead writer
             idx, blocks, ok = item
             try:
-                for j, i in enumerate(idx):
-                    self.asm.add(int(i), blocks[j] if ok[j] else None)
+                with _writing(self.out, STORE.what):
+                    for j, i in enumerate(idx):
+                        self.asm.add(int(i), blocks[j] if ok[j] else None)
             except BaseException as exc:  # noqa: BLE001 - re-raised in the main thread
                 self.error = exc
 
@@ -155,64 +196,124 @@ class _Writer(threading.Thread):
             raise self.error
 
 
-def run_infer(cfg: InferConfig, loaded=None) -> InferSummary:
-    """Run ``cfg.model`` (or ``loaded``) over ``cfg.slide``; write OUT.zarr and the requested extras."""
+def run_infer(cfg: InferConfig, loaded=None) -> InferResult:
+    """Run ``cfg.model`` (or ``loaded``) over ``cfg.slide``; write OUT.zarr and the requested extras.
+
+    Never prints: it logs, and returns what it did (the CLI prints ``result.line()``). Every output is checked
+    against the inputs and locked before any work; all of them appear together or not at all.
+    """
     t_start = time.perf_counter()
-    start_time = _now()
-    out = Path(cfg.out)
-    outs = _outputs(cfg)
-    _check_outputs(outs)
+    paths = outputs.planned(cfg.out, cfg.outputs)
+    guard_outputs(outputs.labelled(paths), {"slide": cfg.slide, "--model": cfg.model})
+    for name, p in paths.items():
+        writers.check_writable(p, outputs.BY_NAME[name].what)
+    with ExitStack() as locks:
+        for name, p in paths.items():
+            locks.enter_context(output_lock(p, outputs.BY_NAME[name].what))
+        if not cfg.overwrite and STORE.is_complete(paths[STORE.name]):
+            return _complete_the_extras(cfg, paths, t_start, loaded)
+        return _run(cfg, paths, loaded, t_start)
 
-    if writers.is_complete(out) and not cfg.overwrite:
-        made = _write_missing_extras(cfg, out)
-        attrs = writers.read_attrs(out)
-        tiles = attrs.get("tiles", {})
-        s = InferSummary(slide=str(cfg.slide), out=str(out), status="skipped", tiles_grid=tiles.get("grid", 0),
-                         tiles_tissue=tiles.get("tissue", 0), tiles_failed=tiles.get("failed", 0),
-                         seconds=time.perf_counter() - t_start, device=attrs.get("device", ""),
-                         mpp=attrs.get("target_mpp"), outputs={k: str(v) for k, v in outs.items()})
-        print(s.line() + (f" (wrote missing {', '.join(made)})" if made else ""), file=sys.stderr)
-        return s
 
-    from ..model.checkpoint import load_model
-    from ..slide.grid import build_grid, resolve_mpp
+def _complete_the_extras(cfg: InferConfig, paths: dict[str, Path], t_start: float, loaded) -> InferResult:
+    """A complete store is there: leave it alone, and make only the requested extras that are missing."""
+    out = paths[STORE.name]
+    attrs = writers.read_attrs(out)
+    _check_same_run(cfg, out, attrs, loaded)
+    missing = {n: p for n, p in paths.items() if not outputs.BY_NAME[n].is_complete(p)}
+    temps = {n: partial_name(p) for n, p in missing.items()}
+    try:
+        if missing:
+            _write_extras(outputs.StoreContext(writers.open_store(out), attrs, Path(cfg.slide)), missing, temps)
+            with _writing(next(iter(missing.values())), "outputs"):
+                publish([(temps[n], missing[n]) for n in missing])
+    finally:
+        for t in temps.values():
+            remove_path(t)
+    result = InferResult.from_attrs(attrs, cfg.slide, "skipped", time.perf_counter() - t_start, paths,
+                                    written=list(missing))
+    log.debug("%s", result.line())
+    return result
+
+
+def _check_same_run(cfg: InferConfig, out: Path, attrs: dict[str, Any], loaded) -> None:
+    """A complete store is only "already done" for the same slide and model: anything else is refused rather
+    than reported as this run's result."""
     from ..slide.reader import open_slide
 
+    recorded = attrs.get("slide") or {}
+    scan = recorded.get("properties_sha256")  # the scan, wherever its file has moved since
+    if scan and scan != open_slide(cfg.slide).properties_sha256:
+        raise OutputError(f"{out}: complete, but made from another slide ({recorded.get('path')}); use --overwrite "
+                          "to replace it, or choose another --out")
+    sha = (attrs.get("model") or {}).get("sha256")
+    if loaded is not None:
+        have = loaded.sha256
+    elif Path(cfg.model).is_file():
+        from ..model.features import file_sha256
+
+        have = file_sha256(Path(cfg.model))
+    else:
+        return  # no model file to compare with: the store stands on its own
+    if sha and sha != have:
+        raise OutputError(f"{out}: complete, but made by another model (sha256 {sha[:12]}...); use --overwrite to "
+                          "replace it, or choose another --out")
+
+
+def _write_extras(ctx: outputs.StoreContext, extras: dict[str, Path], temps: dict[str, Path]) -> None:
+    """Write each extra from the finished store to its temp name (the caller publishes them)."""
+    for name, p in extras.items():
+        kind = outputs.BY_NAME[name]
+        with _writing(p, kind.what):
+            kind.write(ctx, temps[name])
+
+
+def _run(cfg: InferConfig, paths: dict[str, Path], loaded, t_start: float) -> InferResult:
+    from ..model.checkpoint import load_model
+    from ..slide.reader import open_slide
+
+    opts = cfg.options
+    start_time = _now()
+    out = paths[STORE.name]
     if loaded is None:
-        device = resolve_device(cfg.device)
+        device = resolve_device(opts.device)
         loaded = load_model(cfg.model, device=device)
     else:
         device = next(loaded.model.parameters()).device
     model = loaded.model.eval()
     mcfg = model.config
-    block = _block_for(mcfg.tile_size, mcfg.fm_size, cfg.pixel_downsample)
+    block = _block_for(mcfg.tile_size, mcfg.fm_size, opts.pixel_downsample)
 
     reader = open_slide(cfg.slide)
-    model_mpp = loaded.metadata.get("mpp")
-    target = resolve_mpp(reader, cfg.mpp if cfg.mpp is not None else model_mpp)
-    if cfg.mpp is None and model_mpp is None:
-        log.info("model records no training mpp: using the slide's level 0 (%s µm/px)", target)
-    grid = build_grid(reader, target, tile_size=mcfg.tile_size, min_tissue=cfg.min_tissue)
+    res = _resolution(cfg, reader, loaded.metadata.get("mpp"))
+    plan = _plan_map(reader, res, mcfg.tile_size, opts)
+    grid, win, geom = plan.grid, plan.windows, plan.geom
     n = len(grid)
-    mpp0 = reader.mpp if reader.mpp is not None else target
-    geom = writers.MapGeometry.for_slide(reader.bounds, mpp0, grid.scale, mcfg.tile_size, cfg.pixel_downsample)
-    px, py = geom.tile_origins(grid.xs, grid.ys, grid.rows, grid.cols, grid.level0_stride)
 
-    tmp = writers.tmp_path_for(out)
+    tmp = partial_name(out)
+    extras = {k: p for k, p in paths.items() if k != STORE.name}
+    temps = {k: partial_name(p) for k, p in extras.items()}
     try:
-        group = writers.open_new_store(tmp)
-        level0 = writers.create_map_level(group, "0", (geom.height, geom.width))
-        assembler = writers.ChunkAssembler(level0, px, py, block)
-        score_mean = np.full(n, np.nan, np.float32)
-        score_max = np.full(n, np.nan, np.float32)
-        ok_all = np.zeros(n, bool)
-        model_s, failed = _run_tiles(cfg, loaded, device, grid, target, block, assembler,
-                                     score_mean, score_max, ok_all)
-        assembler.finish()
-
-        _write_tables(group, grid, px, py, score_mean, score_max, ok_all)
-        n_levels = writers.build_pyramid(group, written=assembler.written)
-        writers.write_multiscales(group, n_levels, geom.um)
+        with _writing(out, STORE.what):
+            group = writers.open_new_store(tmp, ngff=opts.ngff)
+            level0 = writers.create_map_level(group, "0", (geom.height, geom.width))
+        assembler = MapAssembler(level0, plan.px, plan.py, block, blend_window(block, win.per_tile),
+                                 finalize=plan.tissue)
+        w_mean = np.full(len(win), np.nan, np.float32)
+        w_max = np.full(len(win), np.nan, np.float32)
+        w_ok = np.zeros(len(win), bool)
+        model_s, w_failed, batch_size = _run_tiles(cfg, loaded, device, grid, win, block, assembler, w_mean, w_max,
+                                                   w_ok, out)
+        # one score per grid tile, its own window's (see assembler.tile_scores_from_windows)
+        score_mean, score_max = tile_scores_from_windows(win.tile_window, w_mean, w_max)
+        ok_all = w_ok[win.tile_window]
+        failed = int(n - ok_all.sum())
+        with _writing(out, STORE.what):
+            assembler.finish()
+            _write_tables(group, grid, plan.px[win.tile_window], plan.py[win.tile_window], score_mean, score_max,
+                          ok_all)
+            n_levels = writers.build_pyramid(group, written=assembler.written)
+            writers.write_multiscales(group, n_levels, geom.um)
         thr = robust_threshold(score_mean)
         finite_max = score_max[np.isfinite(score_max)]
         vmax = float(np.quantile(finite_max, 0.99)) if finite_max.size else 1.0
@@ -220,6 +321,7 @@ def run_infer(cfg: InferConfig, loaded=None) -> InferSummary:
             "format": "wsi-haloae-heatmap",
             "format_version": 1,
             "package_version": __version__,
+            "status": "done" if n else NO_TISSUE,
             "start_time": start_time,
             "model": {
                 "path": str(loaded.path or cfg.model),
@@ -230,6 +332,7 @@ def run_infer(cfg: InferConfig, loaded=None) -> InferSummary:
             },
             "slide": {
                 "path": str(Path(cfg.slide).absolute()),
+                "id": cfg.slide_id or slide_id(cfg.slide),
                 "width": reader.dimensions[0],
                 "height": reader.dimensions[1],
                 "mpp": reader.mpp,
@@ -237,78 +340,211 @@ def run_infer(cfg: InferConfig, loaded=None) -> InferSummary:
                 "vendor": getattr(reader, "vendor", None),
                 "properties_sha256": reader.properties_sha256,
             },
-            "target_mpp": target,
+            "target_mpp": res.target_mpp,
+            "resolution": _resolution_attrs(res),
             "tile_size": mcfg.tile_size,
             "level0_tile": grid.level0_tile,
-            "min_tissue": cfg.min_tissue,
-            "pixel_downsample": cfg.pixel_downsample,
+            "min_tissue": opts.min_tissue,
+            "pixel_downsample": opts.pixel_downsample,
+            "ngff": opts.ngff,
             "map": {
                 "um_per_px": geom.um,
                 "slide_px_per_map_px": geom.slide_px,
                 "origin_level0": [geom.origin_x, geom.origin_y],
                 "levels": n_levels,
                 "shape": [geom.height, geom.width],
+                **_scored_pixels(plan.tissue),
             },
             "tiles": {"grid": grid.n_grid, "n_rows": grid.n_rows, "n_cols": grid.n_cols, "tissue": n,
                       "failed": failed, "scored": n - failed},
+            **_window_attrs(grid, win, w_failed),
             "threshold": thr,
             "display_range": [0.0, vmax],
+            "summary": slide_summary(score_mean, grid.mask, thr["value"], n),
             "geojson": {"offset": [reader.bounds[0], reader.bounds[1]], "class": "Anomalous"},
             "device": str(device),
-            "batch_size": cfg.batch_size,
-            "workers": cfg.workers,
+            "batch_size": batch_size,
+            "batch_size_requested": opts.batch_size,
+            "workers": opts.workers,
             "model_seconds": model_s,
         }
-        group.attrs[writers.ATTR] = attrs
-        _write_extras(cfg, group, attrs, reader)
+        with _writing(out, STORE.what):
+            group.attrs[writers.ATTR] = attrs
+        _write_extras(outputs.StoreContext(group, attrs, Path(cfg.slide)), extras, temps)
         seconds = time.perf_counter() - t_start
         attrs.update(end_time=_now(), seconds=seconds, tiles_per_s=n / seconds if seconds else 0.0,
                      model_tiles_per_s=n / model_s if model_s else 0.0,
-                     outputs={k: str(v) for k, v in outs.items()})
-        writers.finalize(tmp, out, attrs)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+                     outputs={k: str(v) for k, v in paths.items()})
+        with _writing(out, STORE.what):
+            writers.mark_complete(tmp, attrs)
+        with _writing(out, "outputs"):
+            publish([*((temps[k], extras[k]) for k in extras), (tmp, out)])  # the store last
+    finally:
+        remove_path(tmp)
+        for t in temps.values():
+            remove_path(t)
 
-    s = InferSummary(slide=str(cfg.slide), out=str(out), status="done", tiles_grid=grid.n_grid, tiles_tissue=n,
-                     tiles_failed=failed, seconds=time.perf_counter() - t_start, model_seconds=model_s,
-                     device=str(device), mpp=target, outputs={k: str(v) for k, v in outs.items()})
-    print(s.line(), file=sys.stderr)
-    return s
+    result = InferResult.from_attrs(attrs, cfg.slide, attrs["status"], time.perf_counter() - t_start, paths)
+    if result.status == NO_TISSUE:
+        log.warning("%s: no tissue found (%s); check the slide or lower --min-tissue", cfg.slide,
+                    no_tissue_reason(grid.n_grid, opts.min_tissue))
+    log.debug("%s", result.line())
+    return result
 
 
-def _run_tiles(cfg: InferConfig, loaded, device: torch.device, grid, target: float, block: int,
-               assembler: writers.ChunkAssembler, score_mean: np.ndarray, score_max: np.ndarray,
-               ok_all: np.ndarray) -> tuple[float, int]:
-    """The hot loop. Returns (synchronised model seconds, unreadable tile count)."""
+# ------------------------------------------------------------------------------ resolution and the map's plan
+def _resolution(cfg: InferConfig, reader, model_mpp: float | None):
+    """The one rule set of every command (``slide.resolution``); its warnings are logged here.
+
+    Refuses, before any tile is planned, a slide that records no mpp without ``--slide-mpp`` and a target
+    more than 4x finer than level 0.
+    """
+    from ..slide.resolution import resolve_resolution
+
+    opts = cfg.options
+    res = resolve_resolution(str(cfg.slide), reader.mpp, slide_mpp=opts.slide_mpp, mpp=opts.mpp,
+                             magnification=opts.magnification, model_mpp=model_mpp)
+    for line in res.warnings:
+        log.warning("%s", line)
+    if res.source == "slide":
+        log.info("model records no training mpp: using the slide's level 0 (%s µm/px)", res.target_mpp)
+    return res
+
+
+def _resolution_attrs(res) -> dict[str, Any]:
+    return {"target_mpp": res.target_mpp, "slide_mpp": res.slide_mpp, "source": res.source,
+            "slide_mpp_declared": res.slide_mpp_declared, "warnings": list(res.warnings)}
+
+
+@dataclass
+class MapPlan:
+    """Where everything of one slide's map goes: the grid of tiles (scores, tables, GeoJSON), the windows
+    that are scored (= the tiles at overlap 0), the map's geometry, each window's map-pixel top-left and
+    the tissue mask at map resolution (NaN off tissue, and the scored-pixel count)."""
+
+    grid: Any  # slide.grid.TileGrid
+    windows: Any  # slide.grid.Windows
+    geom: writers.MapGeometry
+    px: np.ndarray
+    py: np.ndarray
+    tissue: MapTissue
+
+
+def _plan_map(reader, res, tile_size: int, opts) -> MapPlan:
+    """Edge tiles included (read padded with the slide's glass), tiles with >= ``min_tissue``, windows at
+    ``overlap``. The map's physical size comes from the resolution's level 0 (the file's or ``--slide-mpp``)."""
+    from ..slide.grid import build_grid, plan_windows
+
+    grid = build_grid(reader, res, tile_size=tile_size, min_tissue=opts.min_tissue, cover_edges=True)
+    win = plan_windows(grid, opts.overlap)
+    geom = writers.MapGeometry.for_slide(reader.bounds, res.slide_mpp, grid.scale, tile_size, opts.pixel_downsample)
+    px, py = geom.window_origins(win.rows, win.cols, win.per_tile)
+    return MapPlan(grid, win, geom, px, py, MapTissue(grid.mask, grid.mask_downsample, geom))
+
+
+def _scored_pixels(tissue: MapTissue) -> dict[str, Any]:
+    """How much of the tissue the level-0 map scores: finite map pixels over tissue-mask pixels at map resolution."""
+    total = tissue.pixels()
+    return {"tissue_pixels": total, "scored_pixels": tissue.scored,
+            "scored_fraction": round(tissue.scored / total, 6) if total else None}
+
+
+def _window_attrs(grid, win, failed: int) -> dict[str, Any]:
+    return {"overlap": win.overlap, "windows": {"n": len(win), "per_tile": win.per_tile, "failed": failed},
+            "cover_edges": grid.cover_edges, "background": list(grid.background)}
+
+
+def slide_summary(score_mean: np.ndarray, mask: np.ndarray, threshold: float | None, tiles: int) -> dict[str, Any]:
+    """The slide's figures a cohort shows, stored in the store's attributes (``summary``).
+
+    ``score_*``: over the scored tiles' mean anomaly (the per-tile value infer thresholds and exports);
+    ``tissue_fraction``: the tissue mask's share of the slide; ``anomalous_tiles``: tiles above the slide's
+    threshold.
+    """
+    s = np.asarray(score_mean, dtype=np.float64)
+    s = s[np.isfinite(s)]
+    has = s.size > 0
+    return {
+        "tiles": int(tiles),
+        "tissue_fraction": round(float(mask.mean()), 4) if mask.size else None,
+        "score_mean": float(s.mean()) if has else None,
+        "score_p95": float(np.quantile(s, 0.95)) if has else None,
+        "score_max": float(s.max()) if has else None,
+        "anomalous_tiles": int((s > threshold).sum()) if has and threshold is not None else None,
+    }
+
+
+def _scorer(model: torch.nn.Module, mean_map: torch.Tensor, block: int) -> Callable[[torch.Tensor], tuple]:
+    """The per-batch computation: uint8 tiles (B, 3, T, T) on the model's device -> (map blocks (B, block,
+    block), tile mean scores (B,), tile max scores (B,)), all still on that device."""
+    from ..model.anomaly_map import postprocess, tile_scores
+
+    fm = model.config.fm_size
+    cuda = mean_map.device.type == "cuda"
+
+    def score(tiles: torch.Tensor) -> tuple:
+        x = tiles.float().div_(255.0).contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device_type="cuda" if cuda else "cpu", dtype=torch.bfloat16, enabled=cuda):
+            raw = model.anomaly_map(x)
+        raw = raw.float()
+        pp = postprocess(raw, mean_map)
+        mean, mx = tile_scores(pp)
+        if block > fm:
+            pp = postprocess(raw, mean_map, out_size=block)
+        elif block < fm:
+            pp = F.avg_pool2d(pp[:, None], fm // block)[:, 0]
+        return pp, mean, mx
+
+    return score
+
+
+def _batch_size(cfg: InferConfig, model, mean_map: torch.Tensor, device: torch.device, n: int, block: int,
+                workers: int) -> int:
+    """``--batch-size``, reduced with a warning to what fits in memory (infer/batch.py)."""
+    requested = cfg.options.batch_size
+    if min(requested, n) <= 1:
+        return requested  # nothing to reduce
+    per_model = batch.bytes_per_tile(lambda m, mm: _scorer(m, mm, block), model, mean_map, device)
+    per_host = batch.host_bytes_per_tile(model.config.tile_size, block, workers, QUEUE_BATCHES)
+    return batch.fit_batch_size(requested, n, device, per_model, per_host, batch.available_host_bytes(),
+                                batch.available_device_bytes(device))
+
+
+def _run_tiles(cfg: InferConfig, loaded, device: torch.device, grid, win, block: int,
+               assembler: MapAssembler, score_mean: np.ndarray, score_max: np.ndarray,
+               ok_all: np.ndarray, out: Path) -> tuple[float, int, int]:
+    """The hot loop over the windows ``win`` (the grid's tiles at overlap 0); the arrays are per window.
+    Returns (synchronised model seconds, unreadable window count, batch size used)."""
     from tqdm import tqdm
 
-    from ..model.anomaly_map import postprocess, tile_scores
     from .dataset import TileDataset, make_loader
 
-    n = len(grid)
+    n = len(win)
+    opts = cfg.options
     if n == 0:
-        return 0.0, 0
-    model = loaded.model
-    mcfg = model.config
-    fm = mcfg.fm_size
+        return 0.0, 0, opts.batch_size
+    unit = "tile" if win.per_tile == 1 else "window"
+    mcfg = loaded.model.config
     cuda = device.type == "cuda"
-    mean_map = loaded.mean_map.to(device).float()
     # channels_last on every device: cuDNN's and oneDNN's fast convolution layout (+30-60 % tiles per CPU
     # second measured in benchmarks/RESULTS.md, same outputs)
-    model = model.to(memory_format=torch.channels_last)
-    max_failed = int(math.floor(cfg.max_failed_fraction * n))
-    ds = TileDataset(cfg.slide, grid.xs, grid.ys, mcfg.tile_size, target)
-    workers = min(cfg.workers, n // cfg.batch_size)  # a slide of one batch is read faster in-process
+    loaded.model.to(memory_format=torch.channels_last)
+    mean_map = loaded.mean_map.to(device).float()
+    score = _scorer(loaded.model, mean_map, block)
+    workers = opts.workers
     if workers and multiprocessing.current_process().daemon:
         log.warning("%s: running in a daemonic process, which cannot start tile readers: reading in-process", cfg.slide)
         workers = 0
-    loader = make_loader(ds, cfg.batch_size, workers, pin_memory=cuda)
-    writer = _Writer(assembler)
+    batch_size = _batch_size(cfg, loaded.model, mean_map, device, n, block, workers)
+    workers = min(workers, (n - 1) // batch_size)  # a slide of one batch is read faster in-process
+    max_failed = int(math.floor(opts.max_failed_fraction * n))
+    ds = TileDataset(cfg.slide, win.xs, win.ys, mcfg.tile_size, None, scale=grid.scale, fill=grid.background)
+    loader = make_loader(ds, batch_size, workers, pin_memory=cuda)
+    writer = _Writer(assembler, out)
     writer.start()
     model_s = 0.0
     failed = 0
-    bar = tqdm(total=n, unit="tile", desc=Path(cfg.slide).name, disable=not cfg.progress, file=sys.stderr,
+    bar = tqdm(total=n, unit=unit, desc=Path(cfg.slide).name, disable=not opts.progress, file=sys.stderr,
                dynamic_ncols=True, smoothing=0.1)
     try:
         with torch.inference_mode():
@@ -320,29 +556,26 @@ def _run_tiles(cfg: InferConfig, loaded, device: torch.device, grid, target: flo
                     failed += nbad
                     if failed > max_failed:
                         raise BadSlideError(
-                            f"slide {cfg.slide}: {failed} of {n} tissue tiles could not be read (more than "
-                            f"{cfg.max_failed_fraction:.0%}); the file looks truncated or corrupt"
+                            f"slide {cfg.slide}: {failed} of {n} tissue {unit}s could not be read (more than "
+                            f"{opts.max_failed_fraction:.0%}); the file looks truncated or corrupt"
                         )
                 x = tiles.to(device, non_blocking=True)
                 if cuda:
                     torch.cuda.synchronize(device)
                 t0 = time.perf_counter()
-                x = x.float().div_(255.0).contiguous(memory_format=torch.channels_last)
-                with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cuda):
-                    raw = model.anomaly_map(x)
-                raw = raw.float()
-                pp = postprocess(raw, mean_map)
-                mean, mx = tile_scores(pp)
-                if block > fm:
-                    pp = postprocess(raw, mean_map, out_size=block)
-                elif block < fm:
-                    pp = F.avg_pool2d(pp[:, None], fm // block)[:, 0]
+                pp, mean, mx = score(x)
                 if cuda:
                     torch.cuda.synchronize(device)
                 model_s += time.perf_counter() - t0
                 blocks = pp.to("cpu", torch.float32).numpy()
-                score_mean[idx_np] = np.where(ok_np, mean.float().cpu().numpy(), np.nan)
-                score_max[idx_np] = np.where(ok_np, mx.float().cpu().numpy(), np.nan)
+                mean_np, max_np = mean.float().cpu().numpy(), mx.float().cpu().numpy()
+                if not (np.isfinite(mean_np[ok_np]).all() and np.isfinite(max_np[ok_np]).all()):
+                    raise BadModelFileError(
+                        f"{loaded.path or cfg.model}: the model's anomaly maps hold NaN or infinite values "
+                        "(its weights or mean map are probably corrupt, e.g. a diverged training run); "
+                        "nothing was written")
+                score_mean[idx_np] = np.where(ok_np, mean_np, np.nan)
+                score_max[idx_np] = np.where(ok_np, max_np, np.nan)
                 ok_all[idx_np] = ok_np
                 writer.put((idx_np, blocks, ok_np))
                 bar.update(len(idx_np))
@@ -355,7 +588,7 @@ def _run_tiles(cfg: InferConfig, loaded, device: torch.device, grid, target: flo
         bar.close()
         del loader
     writer.close()
-    return model_s, failed
+    return model_s, failed, batch_size
 
 
 def _write_tables(group, grid, px, py, score_mean, score_max, ok) -> None:
@@ -375,72 +608,9 @@ def _write_tables(group, grid, px, py, score_mean, score_max, ok) -> None:
     for name, vals in (("score_mean", score_mean), ("score_max", score_max)):
         a = np.full((grid.n_rows, grid.n_cols), np.nan, np.float32)
         a[grid.rows, grid.cols] = vals
-        g.create_dataset(name, data=a, chunks=(min(1024, max(1, grid.n_rows)), min(1024, max(1, grid.n_cols))),
-                         fill_value=np.nan)
+        writers.create_array(g, name, data=a, fill_value=np.nan,
+                             chunks=(min(1024, max(1, grid.n_rows)), min(1024, max(1, grid.n_cols))))
     g.attrs["description"] = "(n_rows, n_cols) tile scores; NaN where there is no tissue or the tile was unreadable"
-    m = group.create_dataset("mask", data=grid.mask.astype(np.uint8), chunks=(1024, 1024), fill_value=0)
+    m = writers.create_array(group, "mask", data=grid.mask.astype(np.uint8), chunks=(1024, 1024), fill_value=0)
     m.attrs["downsample"] = float(grid.mask_downsample)
     m.attrs["description"] = "tissue mask (1 = tissue); mask pixel (0, 0) = level-0 (0, 0); downsample = level-0 px per mask px"
-
-
-def _heat_level_index(levels: list, min_side: float) -> int:
-    """The smallest map level whose long side still has ``min_side`` px (enough for the preview)."""
-    best = 0
-    for k, lvl in enumerate(levels):
-        if max(lvl.shape) >= min_side:
-            best = k
-    return best
-
-
-def _write_extras(cfg: InferConfig, group, attrs: dict[str, Any], reader) -> list[str]:
-    """OME-TIFF (float + RGB), GeoJSON and preview from a finished map in ``group``. Returns what it wrote."""
-    made = []
-    levels = writers.map_levels(group)
-    um = attrs["map"]["um_per_px"]
-    vmin, vmax = attrs["display_range"]
-    if cfg.tiff:
-        write_ome_tiff(levels, um, cfg.tiff, rgb=False)
-        write_ome_tiff(levels, um, rgb_path_for(cfg.tiff), rgb=True, vmin=vmin, vmax=vmax)
-        made.append("tiff")
-    if cfg.geojson:
-        t = group["tiles"]
-        xy, rc = t["xy"][:], t["rc"][:]
-        write_geojson(cfg.geojson, xy[:, 0], xy[:, 1], attrs["level0_tile"], attrs["level0_tile"],
-                      t["score_mean"][:], t["score_max"][:], threshold=attrs["threshold"]["value"],
-                      offset=tuple(attrs["geojson"]["offset"]), rows=rc[:, 0], cols=rc[:, 1],
-                      seed=f"{attrs['slide']['properties_sha256']}:{attrs['model']['sha256']}")
-        made.append("geojson")
-    if cfg.preview:
-        thumb = reader.thumbnail(PREVIEW_SIZE)
-        W, H = reader.dimensions
-        k = _heat_level_index(levels, PREVIEW_SIZE * 0.75)
-        heat = levels[k]
-        s = attrs["map"]["slide_px_per_map_px"] * 2**k
-        ox, oy = attrs["map"]["origin_level0"]
-        hh, hw = heat.shape
-        write_preview(cfg.preview, thumb, (W, H), heat[:], (ox, oy, ox + hw * s, oy + hh * s), vmin=vmin, vmax=vmax,
-                      title=f"{Path(str(cfg.slide)).name}: anomaly score")
-        made.append("preview")
-    return made
-
-
-def _write_missing_extras(cfg: InferConfig, out: Path) -> list[str]:
-    """A complete store already exists: produce only the requested extras that are not on disk yet."""
-    from dataclasses import replace
-
-    missing = replace(
-        cfg,
-        tiff=cfg.tiff if cfg.tiff and not (Path(cfg.tiff).exists() and rgb_path_for(cfg.tiff).exists()) else None,
-        geojson=cfg.geojson if cfg.geojson and not Path(cfg.geojson).exists() else None,
-        preview=cfg.preview if cfg.preview and not Path(cfg.preview).exists() else None,
-    )
-    if not (missing.tiff or missing.geojson or missing.preview):
-        return []
-    group = writers.open_store(out)
-    attrs = writers.read_attrs(out)
-    reader = None
-    if missing.preview:
-        from ..slide.reader import open_slide
-
-        reader = open_slide(cfg.slide)
-    return _write_extras(missing, group, attrs, reader)

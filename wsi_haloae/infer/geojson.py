@@ -20,9 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import OutputError
+from ..fileio import atomic_output
 from ..scoring.rules import MAD_K, robust_threshold  # noqa: F401  (the per-slide rule's home is scoring/)
-from .writers import atomic_path, discard
 
 CLASS_NAME = "Anomalous"
 CLASS_COLOR = (220, 20, 60)
@@ -34,55 +33,52 @@ def _num(v: float) -> float | int:
     return int(r) if r.is_integer() else r
 
 
-def write_geojson(path: str | Path, xs: np.ndarray, ys: np.ndarray, tile_w: float, tile_h: float,
+def write_geojson(path: str | Path, xs: np.ndarray, ys: np.ndarray, tile_w: float | np.ndarray,
+                  tile_h: float | np.ndarray,
                   score_mean: np.ndarray, score_max: np.ndarray, *, threshold: float | None,
                   offset: tuple[float, float] = (0.0, 0.0), rows: np.ndarray | None = None,
                   cols: np.ndarray | None = None, seed: str = "") -> int:
     """Write a FeatureCollection of the tiles with finite scores. ``.gz`` -> gzip. Returns the feature count.
 
-    ``xs, ys``: level-0 top-left of each tile; ``offset``: subtracted (the OpenSlide bounds origin).
+    ``xs, ys``: level-0 top-left of each tile; ``tile_w, tile_h``: its size, one for all or one per tile
+    (edge tiles clipped to the slide); ``offset``: subtracted (the OpenSlide bounds origin).
     Feature ids are UUIDs derived from ``seed`` and the tile's row/column, so reruns give the same ids.
+    Atomic (``fileio.atomic_output``): a failed write leaves nothing at ``path``.
+    An OSError (a full disk) propagates; infer turns it into one line naming the output.
     """
     path = Path(path)
-    tmp = atomic_path(path)
     gz = path.name.lower().endswith(".gz")
     n = 0
-    try:
-        raw = open(tmp, "wb")
-        try:
-            f = io.TextIOWrapper(gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) if gz else raw, encoding="utf-8")
-            f.write('{"type": "FeatureCollection", "features": [')
-            for i in range(len(xs)):
-                m, mx = float(score_mean[i]), float(score_max[i])
-                if not (np.isfinite(m) and np.isfinite(mx)):
-                    continue  # failed tile: no score, no object (JSON has no NaN)
-                x0, y0 = float(xs[i]) - offset[0], float(ys[i]) - offset[1]
-                x1, y1 = x0 + tile_w, y0 + tile_h
-                ring = [[_num(x0), _num(y0)], [_num(x1), _num(y0)], [_num(x1), _num(y1)], [_num(x0), _num(y1)],
-                        [_num(x0), _num(y0)]]
-                r = int(rows[i]) if rows is not None else i
-                c = int(cols[i]) if cols is not None else 0
-                props: dict[str, Any] = {
-                    "objectType": "tile",
-                    "name": f"tile r{r} c{c}",
-                    "measurements": {"anomaly_score": m, "anomaly_score_max": mx},
-                }
-                if threshold is not None and m > threshold:
-                    props["classification"] = {"name": CLASS_NAME, "color": list(CLASS_COLOR)}
-                feat = {
-                    "type": "Feature",
-                    "id": str(uuid.uuid5(_NS, f"{seed}:{r}:{c}")),
-                    "geometry": {"type": "Polygon", "coordinates": [ring]},
-                    "properties": props,
-                }
-                f.write(("\n" if n == 0 else ",\n") + json.dumps(feat, separators=(",", ":")))
-                n += 1
-            f.write("\n]}\n")
-            f.close()
-        finally:
-            raw.close()
-        tmp.replace(path)
-    except OSError as exc:
-        discard(tmp)
-        raise OutputError(f"{path}: cannot write GeoJSON ({exc.strerror or exc})") from None
+    tws, ths = np.broadcast_to(tile_w, len(xs)), np.broadcast_to(tile_h, len(xs))
+    with atomic_output(path) as tmp, open(tmp, "wb") as raw:
+        f = io.TextIOWrapper(gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) if gz else raw, encoding="utf-8")
+        f.write('{"type": "FeatureCollection", "features": [')
+        for i in range(len(xs)):
+            m, mx = float(score_mean[i]), float(score_max[i])
+            if not (np.isfinite(m) and np.isfinite(mx)):
+                continue  # failed tile: no score, no object (JSON has no NaN)
+            x0, y0 = float(xs[i]) - offset[0], float(ys[i]) - offset[1]
+            x1, y1 = x0 + float(tws[i]), y0 + float(ths[i])
+            ring = [[_num(x0), _num(y0)], [_num(x1), _num(y0)], [_num(x1), _num(y1)], [_num(x0), _num(y1)],
+                    [_num(x0), _num(y0)]]
+            r = int(rows[i]) if rows is not None else i
+            c = int(cols[i]) if cols is not None else 0
+            props: dict[str, Any] = {
+                "objectType": "tile",
+                "name": f"tile r{r} c{c}",
+                "measurements": {"anomaly_score": m, "anomaly_score_max": mx},
+            }
+            if threshold is not None and m > threshold:
+                props["classification"] = {"name": CLASS_NAME, "color": list(CLASS_COLOR)}
+            feat = {
+                "type": "Feature",
+                "id": str(uuid.uuid5(_NS, f"{seed}:{r}:{c}")),
+                "geometry": {"type": "Polygon", "coordinates": [ring]},
+                "properties": props,
+            }
+            f.write(("\n" if n == 0 else ",\n") + json.dumps(feat, separators=(",", ":")))
+            n += 1
+        f.write("\n]}\n")
+        f.close()
     return n
+

@@ -14,8 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import OutputError
-from .writers import atomic_path, discard
+from ..fileio import atomic_output
 
 TILE = 256
 CMAP = "inferno"
@@ -59,12 +58,12 @@ def write_ome_tiff(levels: list, um: float, path: str | Path, *, rgb: bool, vmin
                    name: str = "anomaly_map") -> Path:
     """Write ``levels`` (2-D arrays, each half the size of the previous) as one pyramidal OME-TIFF.
 
-    ``um`` is the level-0 pixel size in micrometres. Written to a temp name and renamed when complete.
+    ``um`` is the level-0 pixel size in micrometres. Atomic (``fileio.atomic_output``): a failed write leaves
+    nothing at ``path``. An OSError (a full disk) propagates; infer turns it into one line naming the output.
     """
     import tifffile
 
     path = Path(path)
-    tmp = atomic_path(path)
     h, w = levels[0].shape
     samples = 3 if rgb else 1
     itemsize = 1 if rgb else 4
@@ -84,19 +83,14 @@ def write_ome_tiff(levels: list, um: float, path: str | Path, *, rgb: bool, vmin
         compression="zlib",
         resolutionunit="CENTIMETER",
     )
-    try:
-        with tifffile.TiffWriter(tmp, bigtiff=total > 2**31, ome=True) as tif:
-            for k, level in enumerate(levels):
-                lh, lw = level.shape
-                shape = (lh, lw, 3) if rgb else (lh, lw)
-                res = 1e4 / (um * 2**k)  # pixels per centimetre
-                kw = dict(common, shape=shape, resolution=(res, res))
-                if k == 0:
-                    tif.write(_tiles(level, rgb, vmin, vmax), subifds=len(levels) - 1, metadata=metadata, **kw)
-                else:
-                    tif.write(_tiles(level, rgb, vmin, vmax), subfiletype=1, metadata=None, **kw)
-        tmp.replace(path)
-    except OSError as exc:
-        discard(tmp)
-        raise OutputError(f"{path}: cannot write OME-TIFF ({exc.strerror or exc})") from None
+    with atomic_output(path) as tmp, tifffile.TiffWriter(tmp, bigtiff=total > 2**31, ome=True) as tif:
+        for k, level in enumerate(levels):
+            lh, lw = level.shape
+            shape = (lh, lw, 3) if rgb else (lh, lw)
+            res = 1e4 / (um * 2**k)  # pixels per centimetre
+            kw = dict(common, shape=shape, resolution=(res, res))
+            if k == 0:
+                tif.write(_tiles(level, rgb, vmin, vmax), subifds=len(levels) - 1, metadata=metadata, **kw)
+            else:
+                tif.write(_tiles(level, rgb, vmin, vmax), subfiletype=1, metadata=None, **kw)
     return path

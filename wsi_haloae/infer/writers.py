@@ -1,13 +1,19 @@
 """The OUT.zarr result store: an OME-NGFF 0.4 multiscale heatmap on Zarr format 2, plus tile tables.
 
+OME-NGFF 0.4 on Zarr format 2 is what QuPath 0.6 reads; ``--ngff 0.5`` writes the same layout as OME-NGFF 0.5
+on Zarr format 3 (metadata under the ``ome`` attribute, ``dimension_names`` on the map levels). Both are
+written with zarr-python 3 and read back through it, whatever the format.
+
 Why it looks like this:
-- The store is built in a sibling temp directory and renamed onto the final name only after the completion
-  marker is in it, so a killed run never leaves something that looks finished under the final name, and a
-  rerun simply deletes the leftover temp directory and starts again.
-- Level 0 of the map is assembled chunk by chunk: tiles arrive in any order, each is pasted into an
-  in-memory buffer of the 512x512 chunk(s) it covers, and a chunk is written (once, without reading it
-  back) as soon as every tile that touches it has arrived. Only chunks with pending tiles are held, which
-  for a row-major grid is about one row of chunks: memory follows the slide's width, never its area.
+- The store is built in a sibling temp directory (``fileio.partial_name``: fixed, safe under the output's
+  lock) and renamed onto the final name only after the completion marker is in it, together with the
+  slide's other outputs (``fileio.publish``): a killed run never leaves something that looks finished under
+  a final name, and a rerun simply deletes the leftover temp directory and starts again.
+- Level 0 of the map is assembled chunk by chunk (``assembler.MapAssembler``): windows arrive in any
+  order, each is blended into in-memory buffers of the 512x512 chunk(s) it covers, and a chunk is written
+  (once, without reading it back) as soon as every window that touches it has arrived. Only chunks with
+  pending windows are held, which for a row-major grid is one or two rows of chunks: memory follows the
+  slide's width, never its area.
 - Lower levels are computed after the tiles are done, chunk by chunk from the level above (NaN-aware 2x2
   mean), so background stays NaN all the way down.
 
@@ -22,14 +28,14 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..errors import OutputError
+from ..errors import BadInputError, OutputError
+from ..fileio import os_reason, remove_path
 
 CHUNK = 512
 #: The pyramid goes down until the longest side is at most this many pixels (one TIFF tile).
@@ -38,10 +44,12 @@ MARKER = ".complete"
 ATTR = "wsi_haloae"
 
 
-def tmp_path_for(out: Path) -> Path:
-    """The sibling directory a store is built in (a fixed name, so a rerun finds and removes leftovers)."""
-    out = Path(out)
-    return out.with_name(f".{out.name}.partial")
+def _root_attrs(out_zarr: str | Path) -> dict[str, Any]:
+    """The root group's attributes, read from the metadata file itself (no zarr import; format 2 or 3)."""
+    p = Path(out_zarr)
+    if (p / ".zattrs").is_file():
+        return json.loads((p / ".zattrs").read_text())
+    return json.loads((p / "zarr.json").read_text()).get("attributes", {})
 
 
 def is_complete(out_zarr: str | Path) -> bool:
@@ -50,7 +58,7 @@ def is_complete(out_zarr: str | Path) -> bool:
     if not (p / MARKER).is_file():
         return False
     try:
-        attrs = json.loads((p / ".zattrs").read_text())
+        attrs = _root_attrs(p)
     except (OSError, ValueError):
         return False
     return bool(attrs.get(ATTR, {}).get("complete"))
@@ -58,7 +66,7 @@ def is_complete(out_zarr: str | Path) -> bool:
 
 def read_attrs(out_zarr: str | Path) -> dict[str, Any]:
     """The ``wsi_haloae`` provenance attributes of a store."""
-    return json.loads((Path(out_zarr) / ".zattrs").read_text()).get(ATTR, {})
+    return _root_attrs(out_zarr).get(ATTR, {})
 
 
 @dataclass(frozen=True)
@@ -98,121 +106,73 @@ class MapGeometry:
             block=tile_size // pixel_downsample,
         )
 
-    def tile_origins(self, xs: np.ndarray, ys: np.ndarray, rows: np.ndarray, cols: np.ndarray,
-                     level0_stride: float) -> tuple[np.ndarray, np.ndarray]:
-        """Map-pixel top-left of each tile.
+    def window_origins(self, rows: np.ndarray, cols: np.ndarray, per_tile: int) -> tuple[np.ndarray, np.ndarray]:
+        """Map-pixel top-left of windows (``slide.grid.Windows``): ``per_tile`` windows per tile side.
 
-        From the grid's row/column (not by rounding each level-0 coordinate), so neighbouring tiles abut
-        exactly even when the level-0 tile size is fractional.
+        The window grid starts at the map's origin (both are the bounds' top-left), and a window step is
+        ``block / per_tile`` map px, which must be whole so that windows land on map pixels exactly. From the
+        grid's row/column (not by rounding each level-0 coordinate), so neighbouring windows abut exactly even
+        when the level-0 tile size is fractional.
         """
-        if len(xs) == 0:
-            return np.zeros(0, np.int64), np.zeros(0, np.int64)
-        gx = float(xs[0]) - float(cols[0]) * level0_stride - self.origin_x
-        gy = float(ys[0]) - float(rows[0]) * level0_stride - self.origin_y
-        ox, oy = int(round(gx / self.slide_px)), int(round(gy / self.slide_px))
-        return cols.astype(np.int64) * self.block + ox, rows.astype(np.int64) * self.block + oy
+        if self.block % per_tile:
+            raise BadInputError(f"{per_tile} overlapping windows per tile do not fit the map's {self.block} px per "
+                                f"tile: use a smaller --pixel-downsample or overlap")
+        step = self.block // per_tile
+        return np.asarray(cols, np.int64) * step, np.asarray(rows, np.int64) * step
 
 
-def open_new_store(path: Path):
-    """A fresh zarr v2 group at ``path`` with '/'-separated chunk keys (OME-NGFF 0.4 requires them)."""
+#: OME-NGFF version -> Zarr format. 0.4 (Zarr 2) is the default: what QuPath 0.6 reads.
+NGFF_ZARR_FORMAT = {"0.4": 2, "0.5": 3}
+
+
+def open_new_store(path: Path, ngff: str = "0.4"):
+    """A fresh, empty group at ``path`` in the Zarr format of OME-NGFF ``ngff`` (0.4: Zarr 2; 0.5: Zarr 3)."""
     import zarr
+    from zarr.storage import LocalStore
 
-    if path.exists():
-        shutil.rmtree(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        store = zarr.DirectoryStore(str(path), dimension_separator="/")
-        return zarr.open_group(store, mode="w")
-    except OSError as exc:
-        raise OutputError(f"{path}: cannot write output ({exc.strerror or exc})") from None
+    if ngff not in NGFF_ZARR_FORMAT:
+        raise ValueError(f"OME-NGFF {ngff!r}: expected one of {', '.join(NGFF_ZARR_FORMAT)}")
+    remove_path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return zarr.open_group(LocalStore(path), mode="w", zarr_format=NGFF_ZARR_FORMAT[ngff])
 
 
 def open_store(path: Path, mode: str = "r"):
+    """An existing store (either Zarr format)."""
     import zarr
+    from zarr.storage import LocalStore
 
-    return zarr.open_group(zarr.DirectoryStore(str(path), dimension_separator="/"), mode=mode)
+    return zarr.open_group(LocalStore(path, read_only=mode == "r"), mode=mode)
+
+
+def create_array(group, name: str, *, shape: tuple[int, ...] | None = None, data: np.ndarray | None = None,
+                 chunks: tuple[int, ...], dtype: Any = None, fill_value: Any = 0,
+                 dimension_names: tuple[str, ...] | None = None):
+    """Every array of the store goes through here, so all share one encoding.
+
+    Zarr 2 (OME-NGFF 0.4): blosc-lz4 with byte shuffle (what zarr-python 2 wrote, which every Zarr 2 reader
+    has) and '/'-separated chunk keys (0.4 requires them). Zarr 3: zarr's default codecs and chunk keys, and
+    ``dimension_names`` (0.5 asks for them). Chunks equal to the fill value are not written
+    (``write_empty_chunks`` off): glass costs nothing on disk.
+    """
+    import numcodecs
+
+    kw: dict[str, Any] = {}
+    if group.metadata.zarr_format == 2:
+        kw = dict(compressors=numcodecs.Blosc(cname="lz4", clevel=5, shuffle=numcodecs.Blosc.SHUFFLE),
+                  chunk_key_encoding={"name": "v2", "separator": "/"})
+    elif dimension_names is not None:
+        kw = dict(dimension_names=dimension_names)
+    if data is not None:
+        return group.create_array(name, data=data, chunks=chunks, fill_value=fill_value,
+                                  config={"write_empty_chunks": False}, **kw)
+    return group.create_array(name, shape=shape, chunks=chunks, dtype=dtype, fill_value=fill_value,
+                              config={"write_empty_chunks": False}, **kw)
 
 
 def create_map_level(group, name: str, shape: tuple[int, int]):
-    import zarr  # noqa: F401  (group.create_dataset needs zarr loaded)
-
-    return group.create_dataset(name, shape=shape, chunks=(CHUNK, CHUNK), dtype="f4", fill_value=np.nan,
-                                write_empty_chunks=False)
-
-
-class ChunkAssembler:
-    """Pastes tile blocks into level 0 and writes each chunk once, when all its tiles have arrived.
-
-    ``add(i, block)`` with ``block=None`` marks tile ``i`` as done without data (a tile that failed to read:
-    it stays NaN).
-    """
-
-    def __init__(self, array, px: np.ndarray, py: np.ndarray, block: int):
-        self.array = array
-        self.h, self.w = array.shape
-        self.ch, self.cw = array.chunks
-        self.px, self.py, self.b = px, py, block
-        self.pending: dict[tuple[int, int], int] = {}
-        self.buffers: dict[tuple[int, int], np.ndarray] = {}
-        self.done = np.zeros(len(px), dtype=bool)
-        #: chunks that hold data (all others are absent = NaN): lets the pyramid skip empty regions unread
-        self.written: set[tuple[int, int]] = set()
-        for i in range(len(px)):
-            for key in self._chunks_of(i):
-                self.pending[key] = self.pending.get(key, 0) + 1
-
-    def _rect(self, i: int) -> tuple[int, int, int, int]:
-        x0, y0 = int(self.px[i]), int(self.py[i])
-        return max(0, x0), max(0, y0), min(self.w, x0 + self.b), min(self.h, y0 + self.b)
-
-    def _chunks_of(self, i: int):
-        x0, y0, x1, y1 = self._rect(i)
-        if x1 <= x0 or y1 <= y0:
-            return
-        for cy in range(y0 // self.ch, (y1 - 1) // self.ch + 1):
-            for cx in range(x0 // self.cw, (x1 - 1) // self.cw + 1):
-                yield cy, cx
-
-    def add(self, i: int, block: np.ndarray | None) -> None:
-        if self.done[i]:
-            return
-        self.done[i] = True
-        x0, y0, x1, y1 = self._rect(i)
-        for key in list(self._chunks_of(i)):
-            cy, cx = key
-            if block is not None:
-                buf = self.buffers.get(key)
-                if buf is None:
-                    buf = self.buffers[key] = np.full((self.ch, self.cw), np.nan, dtype=np.float32)
-                ys0, xs0 = cy * self.ch, cx * self.cw
-                # intersection of the tile rect with this chunk
-                ax0, ay0 = max(x0, xs0), max(y0, ys0)
-                ax1, ay1 = min(x1, xs0 + self.cw), min(y1, ys0 + self.ch)
-                tx, ty = int(self.px[i]), int(self.py[i])
-                buf[ay0 - ys0:ay1 - ys0, ax0 - xs0:ax1 - xs0] = block[ay0 - ty:ay1 - ty, ax0 - tx:ax1 - tx]
-            self.pending[key] -= 1
-            if self.pending[key] == 0:
-                self._flush(key)
-
-    def _flush(self, key: tuple[int, int]) -> None:
-        del self.pending[key]
-        buf = self.buffers.pop(key, None)
-        if buf is None:  # every tile here failed: the chunk stays absent (= fill value NaN)
-            return
-        self.written.add(key)
-        cy, cx = key
-        y0, x0 = cy * self.ch, cx * self.cw
-        y1, x1 = min(self.h, y0 + self.ch), min(self.w, x0 + self.cw)
-        self.array[y0:y1, x0:x1] = buf[: y1 - y0, : x1 - x0]
-
-    def finish(self) -> None:
-        """Write whatever is still buffered (only when some tiles were never delivered)."""
-        for key in list(self.pending):
-            self._flush(key)
-
-    @property
-    def buffered_chunks(self) -> int:
-        return len(self.buffers)
+    return create_array(group, name, shape=shape, chunks=(CHUNK, CHUNK), dtype="f4", fill_value=np.nan,
+                        dimension_names=("y", "x"))
 
 
 def nan_mean_2x2(a: np.ndarray) -> np.ndarray:
@@ -267,9 +227,10 @@ def build_pyramid(group, min_size: int = MIN_LEVEL_SIZE, written: set[tuple[int,
 
 
 def write_multiscales(group, n_levels: int, um: float, name: str = "anomaly_map") -> None:
-    """OME-NGFF 0.4 ``multiscales`` metadata: axes y/x in micrometres, a scale transform per level.
+    """OME-NGFF ``multiscales`` metadata: axes y/x in micrometres, a scale transform per level.
 
-    Written as the 0.4 spec lays it out (validated against ``ome_zarr``'s reader in the tests) rather than
+    0.4 on a Zarr 2 group (the ``multiscales`` attribute), 0.5 on a Zarr 3 group (under the ``ome``
+    attribute). Written as the spec lays it out (validated with ``ome-zarr-models`` in the tests) rather than
     through ``ome_zarr.writer``, whose import pulls in dask.array and scikit-image: seconds per process.
     """
     datasets = [
@@ -277,61 +238,45 @@ def write_multiscales(group, n_levels: int, um: float, name: str = "anomaly_map"
         for k in range(n_levels)
     ]
     axes = [{"name": "y", "type": "space", "unit": "micrometer"}, {"name": "x", "type": "space", "unit": "micrometer"}]
-    group.attrs["multiscales"] = [{
-        "version": "0.4",
+    ms = {
         "name": name,
         "axes": axes,
         "datasets": datasets,
         "type": "mean",
         "metadata": {"method": "nan-aware 2x2 mean (wsi_haloae.infer.writers.nan_mean_2x2)"},
-    }]
+    }
+    if group.metadata.zarr_format == 2:
+        group.attrs["multiscales"] = [{"version": "0.4", **ms}]
+    else:
+        group.attrs["ome"] = {"version": "0.5", "multiscales": [ms]}
 
 
 def write_table(group, name: str, data: np.ndarray, chunk: int = 65536) -> None:
     """A small 1-D/2-D table (tiles, grids); chunked along the first axis."""
-    chunks = (min(max(1, data.shape[0]), chunk),) + tuple(data.shape[1:]) if data.ndim else None
+    chunks = (min(max(1, data.shape[0]), chunk),) + tuple(data.shape[1:])
     fill = np.nan if data.dtype.kind == "f" else 0
-    group.create_dataset(name, data=data, chunks=chunks, fill_value=fill)
+    create_array(group, name, data=data, chunks=chunks, fill_value=fill)
 
 
 def map_levels(group) -> list:
-    """The map level arrays in order (from the multiscales metadata)."""
-    ms = group.attrs["multiscales"][0]["datasets"]
-    return [group[d["path"]] for d in ms]
+    """The map level arrays in order (from the multiscales metadata, either version)."""
+    attrs = group.attrs.asdict()
+    ms = attrs["ome"]["multiscales"] if "ome" in attrs else attrs["multiscales"]
+    return [group[d["path"]] for d in ms[0]["datasets"]]
 
 
-def finalize(tmp: Path, out: Path, attrs: dict[str, Any]) -> None:
-    """Write the completion marker (attribute, then file) LAST, then move the store onto its final name."""
+def mark_complete(tmp: Path, attrs: dict[str, Any]) -> None:
+    """Write the completion marker (attribute, then file) into a finished store: the last thing written to it.
+
+    The store is still under its temp name; ``fileio.publish`` then moves it (with the slide's other outputs)
+    onto its final name.
+    """
     g = open_store(tmp, mode="r+")
-    attrs = dict(attrs, complete=True)
-    g.attrs[ATTR] = attrs
-    marker = tmp / MARKER
-    with open(marker, "w") as f:
+    g.attrs[ATTR] = dict(attrs, complete=True)
+    with open(Path(tmp) / MARKER, "w") as f:
         f.write(json.dumps({"end_time": attrs.get("end_time")}) + "\n")
         f.flush()
         os.fsync(f.fileno())
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old")
-        if old.exists():
-            shutil.rmtree(old)
-        out.rename(old)
-    tmp.rename(out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def atomic_path(final: Path) -> Path:
-    """Temp name beside ``final`` for a single-file output (renamed onto ``final`` when written)."""
-    return final.with_name(f".{final.name}.partial")
-
-
-def discard(path: Path) -> None:
-    """Remove a temp file if it is there (never raises: it runs while another error is being reported)."""
-    try:
-        Path(path).unlink(missing_ok=True)
-    except OSError:
-        pass
 
 
 def check_writable(path: Path, what: str) -> None:
@@ -340,7 +285,7 @@ def check_writable(path: Path, what: str) -> None:
     try:
         parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise OutputError(f"{path}: cannot create {what} folder {parent} ({exc.strerror or exc})") from None
+        raise OutputError(f"{path}: cannot create the folder {parent} for the {what} ({os_reason(exc)})") from None
     if not os.access(parent, os.W_OK | os.X_OK):
         raise OutputError(f"{path}: cannot write {what} (folder {parent} is not writable)")
     if Path(path).exists() and Path(path).is_dir() and what != "zarr store":

@@ -26,9 +26,16 @@ def postprocess(raw, mean_map, out_size: int | None = None):
     """(N, 64, 64) raw maps → (N, S, S): |raw − mean_map|, 3×3 Gaussian blur (σ 0.8), bilinear to ``out_size``.
 
     The blur pads by reflection so that tile borders are not darkened. S is 64 unless ``out_size`` is given.
+    Everything runs in float32 — the dtype the training mean map was computed in — even when called inside a
+    bf16 autocast region (which would otherwise run the blur in bf16).
     """
     as_numpy = isinstance(raw, np.ndarray)
     r = torch.as_tensor(raw)
+    with torch.autocast(device_type=r.device.type, enabled=False):
+        return _postprocess_fp32(r, mean_map, out_size, as_numpy)
+
+
+def _postprocess_fp32(r: torch.Tensor, mean_map, out_size: int | None, as_numpy: bool):
     if r.ndim != 3:
         raise ValueError(f"postprocess: raw maps must be (N, H, W), got shape {tuple(r.shape)}")
     r = r.float()

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import ModelConfig, StageConfig
+from ..config import ATTENTION_MODES, ModelConfig, StageConfig
 from ..errors import BadInputError
 from .halo import HaloAttention
 
@@ -35,7 +35,8 @@ class HaloBlock(nn.Module):
         cout = stage.width
         self.conv1 = _conv(cin, cout, 1, transposed)
         self.bn1 = nn.BatchNorm2d(cout)
-        self.attn = HaloAttention(cout, stage.heads, dim_head=cfg.dim_head, block=cfg.block, halo=cfg.halo)
+        mask = "authors" if cfg.attention == "authors-mask" else "halo"
+        self.attn = HaloAttention(cout, stage.heads, dim_head=cfg.dim_head, block=cfg.block, halo=cfg.halo, mask=mask)
         self.conv2 = _conv(cout, cout, stage.kernel, transposed)
         self.bn2 = nn.BatchNorm2d(cout)
         self.shortcut: nn.Module = (
@@ -55,6 +56,8 @@ class HaloAutoEncoder(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         c = cfg.fm_channels
+        if cfg.attention not in ATTENTION_MODES:
+            raise BadInputError(f"model config {cfg.name!r}: unknown attention {cfg.attention!r} ({' | '.join(ATTENTION_MODES)})")
         if cfg.decoder[-1].width != c:
             raise BadInputError(f"model config {cfg.name!r}: last decoder width {cfg.decoder[-1].width} != fm channels {c}")
         inner = cfg.fm_size - cfg.head_kernel + 1

@@ -10,6 +10,7 @@ tiles, mpp ...). Never a pickle.
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from dataclasses import dataclass
@@ -19,9 +20,9 @@ from typing import Any
 import torch
 
 from .. import __version__
-from ..config import ModelConfig
+from ..config import MAX_MODEL_ELEMENTS, ModelConfig, check_mpp
 from ..errors import BadModelFileError, OutputError, UserError
-from ..fileio import atomic_output
+from ..fileio import atomic_output, os_reason, write_error
 from ..scoring.calibration import check_block
 from .features import file_sha256, tensors_sha256
 from .haloae import HaloAE
@@ -44,8 +45,6 @@ class LoadedModel:
 
 def save_model(path: str | os.PathLike, model: HaloAE, mean_map: torch.Tensor, metadata: dict[str, Any] | None = None) -> Path:
     """Write ``model`` + ``mean_map`` + ``metadata`` (JSON-able) atomically: a temp file, then a rename."""
-    from safetensors.torch import save_file
-
     path = Path(path)
     cfg = model.config
     mm = torch.as_tensor(mean_map).detach().to("cpu", torch.float32).contiguous()
@@ -53,6 +52,7 @@ def save_model(path: str | os.PathLike, model: HaloAE, mean_map: torch.Tensor, m
         raise ValueError(f"save_model: mean map shape {tuple(mm.shape)} != ({cfg.fm_size}, {cfg.fm_size})")
     tensors = {_MODEL_PREFIX + k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
     tensors[_MEAN_MAP] = mm
+    check_mpp((metadata or {}).get("mpp"), "metadata mpp")  # never write a file load_model would refuse
     try:
         user = json.dumps(dict(metadata or {}), default=_json_default)
     except (TypeError, ValueError) as exc:
@@ -67,13 +67,31 @@ def save_model(path: str | os.PathLike, model: HaloAE, mean_map: torch.Tensor, m
     }
     if path.is_dir():
         raise OutputError(f"model file {path}: is a directory")
+    write_safetensors(path, tensors, header, "the model file")
+    return path
+
+
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str], what: str) -> None:
+    """Write a safetensors file atomically; a failed write (full disk) is a one-line ``OutputError``.
+
+    Why not ``safetensors.torch.save_file``: it reports a full disk as ``SafetensorError`` with the errno
+    buried in its text. Serialising to bytes and writing them ourselves costs one copy of the file in memory
+    (a model is tens of MB) and gives a plain OSError that ``atomic_output`` turns into ``PATH: cannot write
+    WHAT (No space left on device)``, with the temp file removed and any earlier file under ``path`` untouched.
+    """
+    from safetensors.torch import save
+
+    path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_output(path) as tmp:
-            save_file(tensors, str(tmp), metadata=header)
     except OSError as exc:
-        raise OutputError(f"model file {path}: cannot write ({exc.strerror or exc})") from None
-    return path
+        raise write_error(path, what, exc) from None
+    data = save(tensors, metadata=metadata)
+    with atomic_output(path, what) as tmp:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
 
 
 def _json_default(o: Any) -> Any:
@@ -88,31 +106,48 @@ def _json_default(o: Any) -> Any:
 
 def read_header(path: str | os.PathLike) -> dict[str, str]:
     """The safetensors ``__metadata__`` of a model file, checked to be ours (cheap: reads the header only)."""
-    path = Path(path)
+    return _read_header(Path(path))["__metadata__"]
+
+
+def is_model_file(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a wsi-haloae model file (by its header): what ``train --out`` may replace."""
+    try:
+        read_header(path)
+    except BadModelFileError:
+        return False
+    return True
+
+
+def _read_header(path: Path) -> dict[str, Any]:
+    """The whole safetensors header (tensor dtypes, shapes, offsets and ``__metadata__``) of one of our files."""
     if not path.exists():
         raise BadModelFileError(f"model file {path}: not found")
     if not path.is_file():
         raise BadModelFileError(f"model file {path}: not a file")
     size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise BadModelFileError(f"model file {path}: not a safetensors file (only {size} bytes)")
-        (n,) = struct.unpack("<Q", head)
-        if n > _MAX_HEADER or n + 8 > size:
-            raise BadModelFileError(f"model file {path}: not a safetensors file (is it a pickle/.pth or truncated?)")
-        try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise BadModelFileError(f"model file {path}: not a safetensors file (unreadable header)") from None
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise BadModelFileError(f"model file {path}: not a safetensors file (only {size} bytes)")
+            (n,) = struct.unpack("<Q", head)
+            if n > _MAX_HEADER or n + 8 > size:
+                raise BadModelFileError(f"model file {path}: not a safetensors file (is it a pickle/.pth or truncated?)")
+            raw = f.read(n)
+    except OSError as exc:
+        raise BadModelFileError(f"model file {path}: cannot read ({os_reason(exc)})") from None
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise BadModelFileError(f"model file {path}: not a safetensors file (unreadable header)") from None
     if not isinstance(header, dict):
         raise BadModelFileError(f"model file {path}: not a safetensors file (unreadable header)")
     meta = header.get("__metadata__") or {}
-    if meta.get("format") != FORMAT_NAME:
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
         raise BadModelFileError(f"model file {path}: a safetensors file, but not a wsi-haloae model (no format marker)")
     try:
         version = int(meta.get("format_version", ""))
-    except ValueError:
+    except (TypeError, ValueError):
         raise BadModelFileError(f"model file {path}: bad format version {meta.get('format_version')!r}") from None
     if version > FORMAT_VERSION:
         raise BadModelFileError(
@@ -125,23 +160,92 @@ def read_header(path: str | os.PathLike) -> dict[str, str]:
         raise BadModelFileError(f"model file {path}: not a safetensors file (malformed header)") from None
     if 8 + n + end > size:
         raise BadModelFileError(f"model file {path}: truncated ({size} bytes, the header promises {8 + n + end})")
-    return meta
+    header["__metadata__"] = meta
+    return header
 
 
-def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> LoadedModel:
-    """Read and verify a model file; the model comes back in eval mode on ``device``."""
-    from safetensors import safe_open
-
-    path = Path(path)
-    meta = read_header(path)
+def _parse_metadata(meta: dict[str, str], path: Path) -> tuple[ModelConfig, dict[str, Any], dict[str, Any]]:
+    """(validated config, backbone info, caller's metadata with a checked ``mpp``) from the header's strings."""
     try:
         cfg = ModelConfig.from_dict(json.loads(meta["config"]))
         backbone_info = json.loads(meta.get("backbone_info", "{}"))
         user = json.loads(meta.get("metadata", "{}"))
-    except (KeyError, json.JSONDecodeError) as exc:
+    except (KeyError, TypeError, json.JSONDecodeError) as exc:
         raise BadModelFileError(f"model file {path}: bad metadata ({type(exc).__name__}: {exc})") from None
+    except UserError as exc:  # "model config: head_width 200000 is outside 1..2048"
+        raise BadModelFileError(f"model file {path}: {exc}") from None
+    if not isinstance(backbone_info, dict) or not isinstance(user, dict):
+        raise BadModelFileError(f"model file {path}: bad metadata (backbone_info and metadata must be JSON objects)")
+    try:
+        user["mpp"] = check_mpp(user.get("mpp"), "metadata mpp")
     except UserError as exc:
-        raise BadModelFileError(f"model file {path}: bad config ({exc})") from None
+        raise BadModelFileError(f"model file {path}: {exc}") from None
+    return cfg, backbone_info, user
+
+
+#: safetensors dtype names of the torch dtypes a model holds.
+_DTYPE_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+                torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+                torch.bool: "BOOL"}
+
+
+def expected_tensors(cfg: ModelConfig) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """Every tensor a model file of ``cfg`` holds: name -> (safetensors dtype, shape), mean map included.
+
+    Built on the meta device: no memory is allocated, so a config that passed ``validate`` but is huge costs
+    nothing here, and its size is refused against ``MAX_MODEL_ELEMENTS`` before the real model is built.
+    """
+    with torch.device("meta"):
+        model = HaloAE(cfg)
+    out = {_MODEL_PREFIX + k: (_DTYPE_NAMES.get(v.dtype, str(v.dtype)), tuple(v.shape)) for k, v in model.state_dict().items()}
+    out[_MEAN_MAP] = ("F32", (cfg.fm_size, cfg.fm_size))
+    return out
+
+
+def _check_tensors(header: dict[str, Any], cfg: ModelConfig, path: Path) -> None:
+    """Names, dtypes and shapes in the header against what ``cfg`` builds, before anything is allocated."""
+    expected = expected_tensors(cfg)
+    elements = sum(math.prod(shape) for _, shape in expected.values())
+    if elements > MAX_MODEL_ELEMENTS:
+        raise BadModelFileError(f"model file {path}: config {cfg.name!r} makes a model of {elements:,} tensor elements, "
+                                f"more than the {MAX_MODEL_ELEMENTS:,} a model file may hold (docs/model-card.md)")
+    found = {k: v for k, v in header.items() if k != "__metadata__"}
+    if _MEAN_MAP not in found:
+        raise BadModelFileError(f"model file {path}: no mean map")
+    missing = [k[len(_MODEL_PREFIX):] for k in expected if k not in found]
+    extra = sorted(k for k in found if k not in expected)
+    if missing or extra:
+        what = f"lacks tensor {missing[0]!r}" if missing else f"has unexpected tensor {extra[0]!r}"
+        raise BadModelFileError(
+            f"model file {path}: tensors do not fit its config {cfg.name!r}: {what} ({len(missing)} missing, {len(extra)} unexpected)"
+        )
+    for key, (dtype, shape) in expected.items():
+        info = found[key]
+        try:
+            got_dtype, got_shape = info["dtype"], tuple(int(d) for d in info["shape"])
+        except (KeyError, TypeError, ValueError):
+            raise BadModelFileError(f"model file {path}: not a safetensors file (malformed entry for {key!r})") from None
+        name = "mean map" if key == _MEAN_MAP else f"tensor {key[len(_MODEL_PREFIX):]!r}"
+        if got_shape != shape:
+            raise BadModelFileError(f"model file {path}: {name} has shape {list(got_shape)}, config {cfg.name!r} expects {list(shape)}")
+        if got_dtype != dtype:
+            raise BadModelFileError(f"model file {path}: {name} is {got_dtype}, config {cfg.name!r} expects {dtype}")
+
+
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> LoadedModel:
+    """Read and verify a model file; the model comes back in eval mode on ``device``.
+
+    Everything a file claims is checked before memory is spent on it: the config against ``MODEL_BOUNDS``,
+    the metadata mpp against ``MPP_RANGE``, each tensor's name, dtype and shape (from the header) against
+    the config; only then is the model built and the tensors read.
+    """
+    from safetensors import safe_open
+
+    path = Path(path)
+    header = _read_header(path)
+    meta = header["__metadata__"]
+    cfg, backbone_info, user = _parse_metadata(meta, path)
+    _check_tensors(header, cfg, path)
     try:
         model = HaloAE(cfg)
     except (ValueError, UserError) as exc:
@@ -149,40 +253,17 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> L
     expected = model.state_dict()
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
-            keys = set(f.keys())
-            if _MEAN_MAP not in keys:
-                raise BadModelFileError(f"model file {path}: no mean map")
-            missing = [k for k in expected if _MODEL_PREFIX + k not in keys]
-            extra = sorted(k for k in keys if k != _MEAN_MAP and k[len(_MODEL_PREFIX):] not in expected)
-            if missing or extra:
-                what = f"lacks tensor {missing[0]!r}" if missing else f"has unexpected tensor {extra[0]!r}"
-                raise BadModelFileError(
-                    f"model file {path}: tensors do not fit its config {cfg.name!r}: {what} ({len(missing)} missing, {len(extra)} unexpected)"
-                )
-            state = {}
-            for k, ref in expected.items():
-                t = f.get_tensor(_MODEL_PREFIX + k)
-                if tuple(t.shape) != tuple(ref.shape):
-                    raise BadModelFileError(
-                        f"model file {path}: tensor {k!r} has shape {list(t.shape)}, config {cfg.name!r} expects {list(ref.shape)}"
-                    )
-                state[k] = t
+            state = {k: f.get_tensor(_MODEL_PREFIX + k) for k in expected}
             mean_map = f.get_tensor(_MEAN_MAP).float()
-    except UserError:
-        raise
     except Exception as exc:  # safetensors raises its own error types for corrupt data
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise BadModelFileError(f"model file {path}: unreadable ({reason[:200]})") from None
-    if tuple(mean_map.shape) != (cfg.fm_size, cfg.fm_size):
-        raise BadModelFileError(f"model file {path}: mean map shape {list(mean_map.shape)} != [{cfg.fm_size}, {cfg.fm_size}]")
     model.load_state_dict(state, strict=True)
     recorded = backbone_info.get("sha256")
     actual = tensors_sha256(model.features.layers.state_dict())
     if recorded and recorded != actual:
         raise BadModelFileError(f"model file {path}: backbone weights do not match their recorded sha256 (file altered?)")
     model.backbone_info = backbone_info
-    user = dict(user) if isinstance(user, dict) else {}
-    user.setdefault("mpp", None)
     user["calibration"] = check_block(user.get("calibration"), f"model file {path}", mean_map.numpy())
     user.setdefault("package_version", meta.get("package_version"))
     user.setdefault("format_version", int(meta["format_version"]))
@@ -194,7 +275,6 @@ def rewrite_metadata(src: str | os.PathLike, dst: str | os.PathLike, updates: di
     """Copy model file ``src`` to ``dst`` with ``updates`` merged into its metadata; tensors and every other
     header entry unchanged. Atomic (``dst`` may be ``src``: it is replaced whole or not at all)."""
     from safetensors import safe_open
-    from safetensors.torch import save_file
 
     src, dst = Path(src), Path(dst)
     header = dict(read_header(src))
@@ -210,6 +290,5 @@ def rewrite_metadata(src: str | os.PathLike, dst: str | os.PathLike, updates: di
         header["metadata"] = json.dumps(user, default=_json_default)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"rewrite_metadata: metadata is not JSON-serialisable ({exc})") from None
-    with atomic_output(dst, what) as tmp:
-        save_file(tensors, str(tmp), metadata=header)
+    write_safetensors(dst, tensors, header, what)
     return dst

@@ -9,6 +9,13 @@ HaloNet). Rather than materialising a (queries × keys) bias per block and head,
 mask ride along as extra feature columns: q' = [q, q·r_h (per key row), q·r_w (per key column), 1] and
 k' = [k, one-hot(key row), one-hot(key column), 0 or −1e9 outside the image], so q'·k' is exactly the full
 logit and ``F.scaled_dot_product_attention`` can use its fused (flash) kernels on CPU and GPU alike.
+
+``mask="authors"`` reproduces what the authors' inverted mask computes, so that their published model can be
+re-run and compared (docs/model-card.md): in-image keys get the most negative logit, so a block whose window
+reaches outside the image puts all its weight on the zero-padded keys (output: the out-projection's bias), and
+a block whose window lies inside the image weighs its keys equally (output: the mean of v over the window).
+That is average pooling of v with a (block + 2·halo)² window and stride ``block``, computed here directly; q, k
+and the position tables take no part in it and get no gradient.
 """
 
 from __future__ import annotations
@@ -18,14 +25,22 @@ import torch.nn.functional as F
 from torch import nn
 
 
+#: ``mask`` values: "halo" attends to the in-image keys of the window (HaloNet, the paper); "authors" is the
+#: authors' code's inverted mask (see the module docstring).
+MASKS = ("halo", "authors")
+
+
 class HaloAttention(nn.Module):
     """Multi-head halo attention on (N, C, H, W); H and W must be multiples of ``block``. Output (N, C, H, W)."""
 
-    def __init__(self, dim: int, heads: int, dim_head: int = 16, block: int = 12, halo: int = 2) -> None:
+    def __init__(self, dim: int, heads: int, dim_head: int = 16, block: int = 12, halo: int = 2, mask: str = "halo") -> None:
         super().__init__()
         if block < 1 or halo < 0 or heads < 1 or dim_head < 1:
             raise ValueError("HaloAttention: block, heads and dim_head must be >= 1 and halo >= 0")
+        if mask not in MASKS:
+            raise ValueError(f"HaloAttention: mask {mask!r} is not one of {MASKS}")
         self.dim, self.heads, self.dim_head, self.block, self.halo = dim, heads, dim_head, block, halo
+        self.mask = mask
         self.span = block + 2 * halo
         inner = heads * dim_head
         self.scale = dim_head**-0.5
@@ -43,7 +58,7 @@ class HaloAttention(nn.Module):
         self._key_cache: dict[tuple, torch.Tensor] = {}
 
     def extra_repr(self) -> str:
-        return f"dim={self.dim}, heads={self.heads}, dim_head={self.dim_head}, block={self.block}, halo={self.halo}"
+        return f"dim={self.dim}, heads={self.heads}, dim_head={self.dim_head}, block={self.block}, halo={self.halo}, mask={self.mask}"
 
     def key_features(self, h: int, w: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         """(nb, span², 2·span + 1): one-hot key row, one-hot key column, and the mask column per window."""
@@ -69,6 +84,8 @@ class HaloAttention(nn.Module):
         b, halo, span, heads, dh = self.block, self.halo, self.span, self.heads, self.dim_head
         if h % b or w % b:
             raise ValueError(f"HaloAttention: input {h}x{w} is not a multiple of block {b}")
+        if self.mask == "authors":
+            return self._authors_mask(x)
         nbh, nbw = h // b, w // b
         nb = nbh * nbw
         xl = x.permute(0, 2, 3, 1)  # (N, H, W, C): the projections are per pixel
@@ -106,3 +123,18 @@ class HaloAttention(nn.Module):
         # (N*nb, heads, b*b, dh) -> (N, H, W, heads*dh)
         out = out.reshape(n, nbh, nbw, heads, b, b, dh).permute(0, 1, 4, 2, 5, 3, 6).reshape(n, h, w, heads * dh)
         return self.to_out(out).permute(0, 3, 1, 2)
+
+    def _authors_mask(self, x: torch.Tensor) -> torch.Tensor:
+        """The authors' inverted mask, computed directly: per block, the mean of v over its window if the window
+        lies inside the image, else zero; then the output projection."""
+        n, c, h, w = x.shape
+        b, halo, inner = self.block, self.halo, self.heads * self.dim_head
+        v = F.linear(x.permute(0, 2, 3, 1), self.to_kv.weight[inner:]).permute(0, 3, 1, 2)  # (N, inner, H, W)
+        pooled = F.avg_pool2d(v, self.span, stride=b, padding=halo, count_include_pad=True)  # (N, inner, nbh, nbw)
+        starts_y = torch.arange(0, h, b, device=x.device)
+        starts_x = torch.arange(0, w, b, device=x.device)
+        inside_y = (starts_y - halo >= 0) & (starts_y + b + halo <= h)
+        inside_x = (starts_x - halo >= 0) & (starts_x + b + halo <= w)
+        pooled = pooled * (inside_y[:, None] & inside_x[None, :]).to(pooled.dtype)
+        out = pooled.repeat_interleave(b, dim=2).repeat_interleave(b, dim=3)  # (N, inner, H, W)
+        return self.to_out(out.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)

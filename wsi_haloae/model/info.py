@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import click
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -45,6 +44,7 @@ def describe(cfg: ModelConfig) -> dict:
         "fm_channels": cfg.fm_channels,
         "fm_size": cfg.fm_size,
         "bottleneck": [cfg.encoder[-1].width, inner, inner],
+        "attention": cfg.attention,
         "parameters": counts,
         "flops_per_tile": count_flops(cfg),
     }
@@ -87,6 +87,8 @@ def run_info(preset: str = "paper", model_path: Path | None = None) -> dict:
         f"taps:              {', '.join(d['taps'])}  (frozen VGG19 features[:{d['vgg_layers']}], {_fmt(p['frozen_backbone'])} parameters, not counted below)",
         f"fm channels:       {d['fm_channels']} x {d['fm_size']} x {d['fm_size']}",
         f"bottleneck:        {' x '.join(map(str, d['bottleneck']))}",
+        f"attention:         {d['attention']}"
+        + ("  (the authors' inverted mask: windowed average pooling of v, not attention)" if d["attention"] == "authors-mask" else ""),
         f"trainable params:  {_fmt(p['total_trainable'])}",
         f"  auto-encoder:    {_fmt(p['autoencoder'])}  (inference path)",
         f"  image decoder:   {_fmt(p['image_reconstructor'])}  (training only)",
@@ -94,5 +96,5 @@ def run_info(preset: str = "paper", model_path: Path | None = None) -> dict:
         f"FLOPs/tile:        {f['total'] / 1e9:.1f} GFLOP for anomaly_map on {cfg.tile_size}x{cfg.tile_size}"
         f"  (VGG19 {f['backbone'] / 1e9:.1f} + auto-encoder {f['autoencoder'] / 1e9:.1f}; torch.utils.flop_counter)",
     ]
-    click.echo("\n".join(lines))
+    print("\n".join(lines))  # a results command: its description is the result, on stdout
     return d

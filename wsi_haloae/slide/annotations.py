@@ -10,10 +10,13 @@ formats without bounds (SVS, NDPI, generic TIFF, DICOM) the offset is (0, 0) and
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
 from ..errors import BadInputError
+
+log = logging.getLogger(__name__)
 
 
 def _features(doc: Any) -> list[dict]:
@@ -43,7 +46,9 @@ def load_annotations(path: str | Path, class_name: str | None = None, offset: tu
     """Union of the (Multi)Polygon annotations in ``path`` (holes kept), shifted by ``offset``.
 
     ``class_name`` keeps only features whose ``properties.classification.name`` equals it. Points, lines and
-    detections without area are ignored. Raises ``BadInputError`` naming the file when nothing usable is left.
+    detections without area are ignored. Invalid outlines (hand-drawn self-intersections, a hole crossing its
+    shell) are repaired by ``make_valid`` and named in one warning. Raises ``BadInputError`` naming the file
+    when nothing usable is left.
     """
     from shapely import affinity
     from shapely.errors import ShapelyError
@@ -63,7 +68,8 @@ def load_annotations(path: str | Path, class_name: str | None = None, offset: tu
         raise BadInputError(f"annotations {path}: {exc}") from None
     classes: set[str] = set()
     geoms = []
-    for f in feats:
+    repaired: list[str] = []
+    for i, f in enumerate(feats):
         g = f.get("geometry")
         if not isinstance(g, dict) or g.get("type") not in ("Polygon", "MultiPolygon", "GeometryCollection"):
             continue
@@ -77,7 +83,8 @@ def load_annotations(path: str | Path, class_name: str | None = None, offset: tu
         except (ShapelyError, ValueError, TypeError, KeyError, IndexError) as exc:
             raise BadInputError(f"annotations {path}: malformed geometry ({exc})") from None
         if not geom.is_valid:
-            geom = geom.buffer(0)  # self-intersections in hand-drawn outlines
+            geom, why = repair(geom)
+            repaired.append(f"feature {i}{f' ({c})' if c else ''}: {why}, {geom.area:.0f} px² kept")
         if geom.area > 0:
             geoms.append(geom)
     if not geoms:
@@ -85,10 +92,30 @@ def load_annotations(path: str | Path, class_name: str | None = None, offset: tu
             known = ", ".join(sorted(classes)) or "none"
             raise BadInputError(f"annotations {path}: no polygon of class {class_name!r} (classes present: {known})")
         raise BadInputError(f"annotations {path}: no Polygon or MultiPolygon annotation")
+    if repaired:
+        log.warning("annotations %s: %d invalid polygon(s) repaired with shapely.make_valid, no area dropped "
+                    "(first: %s)", path, len(repaired), repaired[0])
     u = unary_union(geoms)
     if offset != (0, 0):
         u = affinity.translate(u, xoff=offset[0], yoff=offset[1])
     return u
+
+
+def repair(geom) -> tuple[Any, str]:
+    """A valid (Multi)Polygon covering what an invalid outline encloses, and the reason it was invalid.
+
+    ``make_valid(method="structure")`` unions the shells and subtracts the holes: a bow-tie keeps both lobes,
+    a loop drawn over itself keeps the area it encloses, a hole stays a hole. (``buffer(0)``, used before,
+    dropped one lobe of a bow-tie; the default "linework" method turns area drawn over twice into a hole.)
+    Lines and points left by collapsed parts are dropped: they have no area.
+    """
+    import shapely
+    from shapely.ops import unary_union
+
+    why = shapely.is_valid_reason(geom)
+    fixed = shapely.make_valid(geom, method="structure")
+    parts = [g for g in shapely.get_parts(fixed) if g.geom_type in ("Polygon", "MultiPolygon")]
+    return (unary_union(parts) if parts else shapely.Polygon()), why
 
 
 def centres_inside(geom, xs, ys, half: float):

@@ -19,6 +19,8 @@ import numpy as np
 from PIL import Image
 
 from ..errors import BadSlideError
+from ..fileio import os_reason
+from ..images import ImageReadError, ImageTooLargeError, NotAnImageError, composite_white, read_image
 
 log = logging.getLogger(__name__)
 
@@ -42,25 +44,6 @@ class TileReadError(BadSlideError):
     """
 
 
-def _composite_white(rgba: Image.Image | np.ndarray) -> np.ndarray:
-    """RGBA (not premultiplied, as openslide-python returns it) on white → RGB uint8."""
-    a = np.asarray(rgba)
-    if a.ndim == 2:
-        return np.repeat(a[..., None], 3, axis=2).astype(np.uint8)
-    if a.shape[2] == 3:
-        return np.ascontiguousarray(a, dtype=np.uint8)
-    if a.shape[2] == 4:
-        alpha = a[..., 3:4]
-        if alpha.min() == 255:
-            return np.ascontiguousarray(a[..., :3])
-        rgb = a[..., :3].astype(np.uint16)
-        al = alpha.astype(np.uint16)
-        return ((rgb * al + 255 * (255 - al) + 127) // 255).astype(np.uint8)
-    if a.shape[2] == 2:  # grey + alpha
-        return _composite_white(np.concatenate([np.repeat(a[..., :1], 3, axis=2), a[..., 1:]], axis=2))
-    raise ValueError(f"unsupported channel count {a.shape[2]}")
-
-
 def _resolve_path(path: Path) -> Path:
     """A DICOM WSI folder is opened through any one of its files (OpenSlide finds the rest)."""
     if path.is_dir():
@@ -69,6 +52,18 @@ def _resolve_path(path: Path) -> Path:
             raise BadSlideError(f"cannot open slide {path}: a folder, and it holds no DICOM (.dcm) file")
         return dcm[0]
     return path
+
+
+def _deep_tiff(path: Path) -> bool:
+    """Whether a TIFF's first page has more than 8 bits per sample, or float samples (cheap: tags only)."""
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tf:
+            page = tf.pages[0]
+            return page.bitspersample > 8 or page.sampleformat == 3
+    except Exception:  # OpenSlide opened it; if tifffile cannot, leave it to OpenSlide
+        return False
 
 
 def _valid_mpp(v: Any) -> float | None:
@@ -90,7 +85,7 @@ class _OpenSlideBackend:
         self.properties = dict(self._osr.properties)
 
     def read(self, x: int, y: int, level: int, w: int, h: int) -> np.ndarray:
-        return _composite_white(self._osr.read_region((x, y), level, (w, h)))
+        return composite_white(self._osr.read_region((x, y), level, (w, h)))
 
     def close(self) -> None:
         self._osr.close()
@@ -108,52 +103,12 @@ class _ArrayBackend:
         self.properties = {"wsi-haloae.reader": "flat-image"}
 
     @staticmethod
-    def _check_size(path: Path, w: int, h: int) -> None:
-        if w * h > MAX_FLAT_PIXELS:
-            raise BadSlideError(
-                f"cannot open slide {path}: a flat (non-pyramidal) image of {w}x{h} px, larger than the "
-                f"{MAX_FLAT_PIXELS} px limit for flat images; convert it to a pyramidal tiled TIFF"
-            )
-
-    @classmethod
-    def _load(cls, path: Path) -> np.ndarray:
-        errors = []
-        limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None  # we apply our own limit below
-        try:
-            with Image.open(path) as im:
-                cls._check_size(path, *im.size)
-                im.draft("RGB", im.size)
-                if im.mode not in ("RGB", "RGBA", "L", "LA"):
-                    im = im.convert("RGBA" if "A" in im.getbands() else "RGB")
-                return _composite_white(np.asarray(im))
-        except BadSlideError:
-            raise
-        except Exception as exc:  # Pillow cannot: try tifffile for TIFF flavours it handles
-            errors.append(f"Pillow: {exc}")
-        finally:
-            Image.MAX_IMAGE_PIXELS = limit
-        if path.suffix.lower() in (".tif", ".tiff"):
-            import tifffile
-
-            try:
-                with tifffile.TiffFile(path) as tf:
-                    page = tf.pages[0]
-                    shape = page.shape
-                    h, w = (shape[0], shape[1]) if page.samplesperpixel > 1 or len(shape) == 2 else shape[-2:]
-                    cls._check_size(path, int(w), int(h))
-                    a = page.asarray()
-                if a.dtype != np.uint8:
-                    a = a.astype(np.float64)
-                    lo, hi = float(a.min()), float(a.max())
-                    a = ((a - lo) / (hi - lo or 1.0) * 255).astype(np.uint8)
-                if a.ndim == 3 and a.shape[0] in (3, 4) and a.shape[2] not in (3, 4):
-                    a = np.moveaxis(a, 0, -1)
-                return _composite_white(a)
-            except BadSlideError:
-                raise
-            except Exception as exc:
-                errors.append(f"tifffile: {exc}")
-        raise BadSlideError("; ".join(errors))
+    def _load(path: Path) -> np.ndarray:
+        """The decoded image (``images.read_image``: deep samples scaled, with a warning); its errors pass up."""
+        image = read_image(path, max_pixels=MAX_FLAT_PIXELS)
+        if image.note:
+            log.warning("%s: %s", path, image.note)
+        return image.pixels
 
     def read(self, x: int, y: int, level: int, w: int, h: int) -> np.ndarray:
         out = np.full((h, w, 3), 255, dtype=np.uint8)
@@ -217,24 +172,41 @@ class SlideReader:
         import openslide
 
         try:
-            self._backend = _OpenSlideBackend(self._file)
-            return
+            backend = _OpenSlideBackend(self._file)
         except openslide.OpenSlideUnsupportedFormatError as exc:
-            os_reason = str(exc) or "unsupported format"
+            unsupported = str(exc) or "unsupported format"
         except openslide.OpenSlideError as exc:
             raise BadSlideError(f"cannot open slide {self.path}: {exc}") from None
         except OSError as exc:
-            raise BadSlideError(f"cannot open slide {self.path}: {exc.strerror or exc}") from None
+            raise BadSlideError(f"cannot open slide {self.path}: {os_reason(exc)}") from None
+        else:
+            if backend.properties.get("openslide.vendor") != "generic-tiff" or not _deep_tiff(self._file):
+                self._backend = backend
+                return
+            backend.close()  # OpenSlide would keep only the high byte of each sample: decode it ourselves
+            w, h = backend.dimensions
+            if w * h > MAX_FLAT_PIXELS:
+                raise BadSlideError(
+                    f"cannot open slide {self.path}: a {w}x{h} px TIFF with more than 8 bits per sample, too large "
+                    "to decode whole, and OpenSlide would read only the high byte of each; convert it to 8 bits"
+                )
+            unsupported = ""
         try:
             self._backend = _ArrayBackend(self._file)
-        except BadSlideError as exc:
-            msg = str(exc)
-            if msg.startswith("cannot open slide"):
-                raise
+        except NotAnImageError:
             raise BadSlideError(
-                f"cannot open slide {self.path}: not a format OpenSlide reads ({os_reason}) nor an image Pillow "
+                f"cannot open slide {self.path}: not a format OpenSlide reads ({unsupported}) nor an image Pillow "
                 f"or tifffile can decode"
             ) from None
+        except ImageTooLargeError as exc:
+            raise BadSlideError(
+                f"cannot open slide {self.path}: a flat (non-pyramidal) image of {exc.width}x{exc.height} px, larger "
+                f"than the {MAX_FLAT_PIXELS} px limit for flat images; convert it to a pyramidal tiled TIFF"
+            ) from None
+        except ImageReadError as exc:  # decodable, but not as colour we can trust (float outside [0, 1] ...)
+            raise BadSlideError(f"cannot open slide {self.path}: {exc}") from None
+        except OSError as exc:
+            raise BadSlideError(f"cannot open slide {self.path}: {os_reason(exc)}") from None
 
     @property
     def is_flat(self) -> bool:
@@ -286,42 +258,72 @@ class SlideReader:
                 best = i
         return best
 
-    def scale_for(self, mpp: float | None) -> float:
+    def scale_for(self, mpp: float | None, level0_mpp: float | None = None) -> float:
         """Level-0 px per output px at target ``mpp``; snapped to a pyramid level within 2 %.
 
-        A slide without mpp read at a given ``mpp`` is taken to be *at* that mpp at level 0 (scale 1).
+        ``level0_mpp`` replaces the file's level-0 resolution (the user's ``--slide-mpp``, see
+        ``resolution.resolve_resolution``). A slide without either, read at a given ``mpp``, is taken to be
+        *at* that mpp at level 0 (scale 1).
         """
-        if mpp is None or self.mpp is None:
+        level0 = level0_mpp if level0_mpp is not None else self.mpp
+        if mpp is None or level0 is None:
             return 1.0
-        s = mpp / self.mpp
+        s = mpp / level0
         for d in self.level_downsamples:
             if abs(s / d - 1) <= SCALE_TOLERANCE:
                 return float(d)
         return float(s)
 
-    def read_scaled(self, x: float, y: float, w: int, h: int, scale: float) -> np.ndarray:
+    def read_scaled(self, x: float, y: float, w: int, h: int, scale: float,
+                    fill: tuple[int, int, int] | None = None) -> np.ndarray:
         """RGB uint8 (h, w, 3): the level-0 rectangle at (x, y) of size (w·scale, h·scale), resampled.
 
         Reads the best pyramid level and resizes with Lanczos (antialiased when shrinking); exact (no
-        resampling) when a level's downsample equals ``scale``.
+        resampling) when a level's downsample equals ``scale``. With ``fill``, everything outside
+        ``bounds`` (beyond the slide, or outside a MIRAX-like scanned region) is that colour *before*
+        resampling, the same for OpenSlide and flat images, so an edge tile is the slide padded with it.
         """
         level = self.best_level(scale)
         d = self.level_downsamples[level]
         r = scale / d  # level px per output px
         lx, ly = x / d, y / d
         if abs(r - 1) < 1e-9:
-            return self.read_region(int(round(lx * d)), int(round(ly * d)), level, w, h)
+            rx, ry = int(round(lx * d)), int(round(ly * d))
+            region = self.read_region(rx, ry, level, w, h)
+            return self._fill_outside(region, rx, ry, d, fill) if fill is not None else region
         m = 3 if r > 1 else 2  # margin for the filter support, in level px
         ix0, iy0 = math.floor(lx) - m, math.floor(ly) - m
         ix1, iy1 = math.ceil(lx + w * r) + m, math.ceil(ly + h * r) + m
-        region = self.read_region(int(round(ix0 * d)), int(round(iy0 * d)), level, ix1 - ix0, iy1 - iy0)
+        rx, ry = int(round(ix0 * d)), int(round(iy0 * d))
+        region = self.read_region(rx, ry, level, ix1 - ix0, iy1 - iy0)
+        if fill is not None:
+            region = self._fill_outside(region, rx, ry, d, fill)
         box = (lx - ix0, ly - iy0, lx - ix0 + w * r, ly - iy0 + h * r)
         out = Image.fromarray(region).resize((w, h), Image.Resampling.LANCZOS, box=box)
         return np.asarray(out)
 
-    def read_tile(self, x: int, y: int, size: int, mpp: float | None) -> np.ndarray:
-        """RGB uint8 (size, size, 3) at target ``mpp`` whose top-left is level-0 (x, y)."""
-        return self.read_scaled(x, y, size, size, self.scale_for(mpp))
+    def _fill_outside(self, region: np.ndarray, x: int, y: int, d: float, fill: tuple[int, int, int]) -> np.ndarray:
+        """``region`` (read at downsample ``d`` from level-0 (x, y)) with its pixels outside ``bounds`` set to ``fill``.
+
+        A pixel is outside when its centre is; the bounds edges are mapped to the level by ``round``.
+        """
+        bx, by, bw, bh = self.bounds
+        h, w = region.shape[:2]
+        c0 = min(w, max(0, int(round((bx - x) / d))))
+        c1 = min(w, max(0, int(round((bx + bw - x) / d))))
+        r0 = min(h, max(0, int(round((by - y) / d))))
+        r1 = min(h, max(0, int(round((by + bh - y) / d))))
+        if (c0, r0, c1, r1) == (0, 0, w, h):
+            return region
+        out = np.empty_like(region)
+        out[...] = np.asarray(fill, dtype=np.uint8)
+        out[r0:r1, c0:c1] = region[r0:r1, c0:c1]
+        return out
+
+    def read_tile(self, x: int, y: int, size: int, mpp: float | None,
+                  fill: tuple[int, int, int] | None = None) -> np.ndarray:
+        """RGB uint8 (size, size, 3) at target ``mpp`` whose top-left is level-0 (x, y); ``fill``: see ``read_scaled``."""
+        return self.read_scaled(x, y, size, size, self.scale_for(mpp), fill)
 
     def read_lowres(self, downsample: float) -> np.ndarray:
         """The whole slide at ``downsample`` level-0 px per pixel, read in bounded chunks (memory ∝ output)."""
@@ -377,10 +379,3 @@ def open_slide(path: str | os.PathLike) -> SlideReader:
             _CACHE.pop(next(iter(_CACHE))).close()
     _CACHE[key] = r  # (re)inserted last: the dict order is least- to most-recently used
     return r
-
-
-def close_all() -> None:
-    """Close this process's cached readers."""
-    pid = os.getpid()
-    for k in [k for k in _CACHE if k[0] == pid]:
-        _CACHE.pop(k).close()

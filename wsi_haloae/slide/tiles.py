@@ -29,9 +29,10 @@ from PIL import Image, ImageDraw
 
 from ..config import TilesConfig
 from ..errors import BadInputError, BadSlideError, OutputError
-from ..fileio import atomic_output
+from ..fileio import atomic_output, guard_outputs, output_lock, write_error
 from .grid import TileGrid, build_grid
 from .reader import SlideReader, TileReadError, open_slide
+from .resolution import Resolution, resolve_resolution
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +77,7 @@ def tile_name(stem: str, x: int, y: int, fmt: str) -> str:
 
 
 def _save_atomic(img: np.ndarray, final: Path, fmt: str) -> None:
-    with atomic_output(final) as tmp:
+    with atomic_output(final, "a tile") as tmp:
         im = Image.fromarray(img)
         if fmt == "png":
             im.save(tmp, format="PNG", compress_level=PNG_COMPRESS)
@@ -84,13 +85,16 @@ def _save_atomic(img: np.ndarray, final: Path, fmt: str) -> None:
             im.save(tmp, format="JPEG", quality=JPEG_QUALITY)
 
 
-def _write_chunk(slide: str, mpp: float | None, size: int, fmt: str, items: list[tuple[int, int, str]]) -> tuple[int, list[str]]:
-    """Worker body: read and write a few tiles with this process's reader. Returns (written, errors)."""
+def _write_chunk(slide: str, scale: float, size: int, fmt: str, items: list[tuple[int, int, str]]) -> tuple[int, list[str]]:
+    """Worker body: read and write a few tiles with this process's reader. Returns (written, errors).
+
+    ``scale``: level-0 px per tile px, the grid's (it already holds any ``--slide-mpp``).
+    """
     reader = open_slide(slide)
     written, errors = 0, []
     for x, y, final in items:
         try:
-            img = reader.read_tile(x, y, size, mpp)
+            img = reader.read_scaled(x, y, size, size, scale)
         except TileReadError as exc:
             errors.append(str(exc))
             continue
@@ -128,7 +132,7 @@ def _write_manifest(out: Path, slide_key: str, rows: list[dict]) -> Path:
                 keep = [r for r in rd if r.get("slide") != slide_key]
         except (OSError, csv.Error, UnicodeDecodeError) as exc:
             raise OutputError(f"{path}: exists but cannot be read ({exc})") from None
-    with atomic_output(path) as tmp, tmp.open("w", newline="") as f:
+    with atomic_output(path, "the tile manifest") as tmp, tmp.open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
         w.writeheader()
         w.writerows(keep)
@@ -147,15 +151,17 @@ def draw_thumbnail(grid: TileGrid, path: Path, ok: np.ndarray | None = None) -> 
     for i, (x, y) in enumerate(zip(grid.xs.tolist(), grid.ys.tolist())):
         colour = (0, 170, 0) if ok is None or ok[i] else (220, 0, 0)
         d.rectangle([x * k, y * k, (x + grid.level0_tile) * k - 1, (y + grid.level0_tile) * k - 1], outline=colour, width=1)
-    with atomic_output(path) as tmp:
+    with atomic_output(path, "the thumbnail") as tmp:
         img.save(tmp, format="PNG")
     return path
 
 
 def run_tiles(cfg: TilesConfig, progress: bool = True) -> TilesSummary:
-    """Extract the tissue tiles of ``cfg.slide`` into ``cfg.out`` (see the module docstring)."""
-    from tqdm import tqdm
+    """Extract the tissue tiles of ``cfg.slide`` into ``cfg.out`` (see the module docstring).
 
+    The outputs are checked against the inputs and the folder locked before any work; a failed write (a
+    full disk) is one line, and leaves only whole tiles under final names (a rerun continues).
+    """
     t_start = time.perf_counter()
     fmt = cfg.format.lower()
     if fmt == "jpeg":
@@ -167,8 +173,29 @@ def run_tiles(cfg: TilesConfig, progress: bool = True) -> TilesSummary:
     if cfg.class_name is not None and cfg.annotations is None:
         raise BadInputError("--class needs --annotations")
     slide = Path(cfg.slide)
+    out = Path(cfg.out)
+    # the folder may not hold an input: training reads every image under it (a flat slide would become a tile)
+    guard_outputs({"--out": out}, {"slide": slide, "--annotations": cfg.annotations})
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"{out}: exists and is not a folder")
     reader: SlideReader = open_slide(slide)  # BadSlideError for anything unopenable, before any output
-    grid = build_grid(reader, cfg.mpp, cfg.tile_size, cfg.stride, cfg.min_tissue, cfg.annotations, cfg.class_name)
+    res = resolve_resolution(str(slide), reader.mpp, slide_mpp=cfg.slide_mpp, mpp=cfg.mpp,
+                             magnification=cfg.magnification)  # refusals before any output exists
+    for line in res.warnings:
+        log.warning(line)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise write_error(out, "the tile folder", exc) from None
+    with output_lock(out, "tile folder"):  # one run at a time: tiles.csv is read, merged and rewritten
+        return _extract(cfg, slide, out, reader, res, fmt, progress, t_start)
+
+
+def _extract(cfg: TilesConfig, slide: Path, out: Path, reader: SlideReader, res: Resolution, fmt: str,
+             progress: bool, t_start: float) -> TilesSummary:
+    from tqdm import tqdm
+
+    grid = build_grid(reader, res, cfg.tile_size, cfg.stride, cfg.min_tissue, cfg.annotations, cfg.class_name)
     n_kept_grid = len(grid)
     if n_kept_grid == 0:
         log.warning("%s: none of the %d grid tiles has ≥ %.2f tissue%s; see the thumbnail, or lower --min-tissue",
@@ -177,14 +204,13 @@ def run_tiles(cfg: TilesConfig, progress: bool = True) -> TilesSummary:
         rng = np.random.default_rng(cfg.seed)
         grid = grid.subset(np.sort(rng.choice(len(grid), size=cfg.max_tiles, replace=False)))
 
-    out = Path(cfg.out)
     _prepare_out(out)
     stem = slide_stem(slide)
     _clean_stale(out, stem)
     names = [tile_name(stem, x, y, fmt) for x, y in zip(grid.xs.tolist(), grid.ys.tolist())]
     exists = np.array([(out / n).is_file() for n in names], dtype=bool)
     todo = [(int(grid.xs[i]), int(grid.ys[i]), str(out / names[i])) for i in np.flatnonzero(~exists)]
-    mpp = grid.mpp
+    scale = grid.scale
     slide_arg = str(slide)
 
     errors: list[str] = []
@@ -195,31 +221,34 @@ def run_tiles(cfg: TilesConfig, progress: bool = True) -> TilesSummary:
     def new_bar():
         return tqdm(total=len(todo), desc=f"tiles {stem}", unit="tile", file=sys.stderr, disable=not progress or not todo)
 
-    if cfg.workers == 1 or len(chunks) <= 1:
-        with new_bar() as bar:
-            for ch in chunks:
-                w, e = _write_chunk(slide_arg, mpp, grid.tile_size, fmt, ch)
-                written += w
-                errors += e
-                bar.update(len(ch))
-    else:
-        import multiprocessing as mp
+    try:
+        if cfg.workers == 1 or len(chunks) <= 1:
+            with new_bar() as bar:
+                for ch in chunks:
+                    w, e = _write_chunk(slide_arg, scale, grid.tile_size, fmt, ch)
+                    written += w
+                    errors += e
+                    bar.update(len(ch))
+        else:
+            import multiprocessing as mp
 
-        # fork (as DataLoader does): workers start at once, each opens its own handle via open_slide
-        ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else None
-        with ProcessPoolExecutor(max_workers=min(cfg.workers, len(chunks)), mp_context=ctx) as pool:
-            futs = {pool.submit(_write_chunk, slide_arg, mpp, grid.tile_size, fmt, ch): len(ch) for ch in chunks}
-            try:
-                with new_bar() as bar:  # after the fork: tqdm's monitor thread must not be forked
-                    for fut in as_completed(futs):
-                        w, e = fut.result()
-                        written += w
-                        errors += e
-                        bar.update(futs[fut])
-            except BaseException:
-                for f in futs:
-                    f.cancel()
-                raise
+            # fork (as DataLoader does): workers start at once, each opens its own handle via open_slide
+            ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else None
+            with ProcessPoolExecutor(max_workers=min(cfg.workers, len(chunks)), mp_context=ctx) as pool:
+                futs = {pool.submit(_write_chunk, slide_arg, scale, grid.tile_size, fmt, ch): len(ch) for ch in chunks}
+                try:
+                    with new_bar() as bar:  # after the fork: tqdm's monitor thread must not be forked
+                        for fut in as_completed(futs):
+                            w, e = fut.result()
+                            written += w
+                            errors += e
+                            bar.update(futs[fut])
+                except BaseException:
+                    for f in futs:
+                        f.cancel()
+                    raise
+    except OutputError as exc:  # a full disk: each tile under a final name is whole, and a rerun skips it
+        raise OutputError(f"{exc}; the tiles already written are whole and kept: free space, then rerun") from None
 
     write_seconds = time.perf_counter() - t_write
     if errors:
@@ -235,8 +264,8 @@ def run_tiles(cfg: TilesConfig, progress: bool = True) -> TilesSummary:
          "tile_size": grid.tile_size, "mpp": f"{grid.mpp:g}", "tissue": f"{t:.4f}"}
         for n, x, y, t in zip(names, grid.xs.tolist(), grid.ys.tolist(), grid.tissue.tolist()) if n not in failed_names
     ]
-    manifest = _write_manifest(out, slide_key, rows)
     thumb = draw_thumbnail(grid, out / THUMBNAILS / f"{stem}.png", ok)
+    manifest = _write_manifest(out, slide_key, rows)  # last: the manifest rows say the slide is done
     seconds = time.perf_counter() - t_start
     summary = TilesSummary(slide, out, grid.n_grid, len(rows), written, int(exists.sum()), len(failed_names), seconds,
                            write_seconds, manifest, thumb)

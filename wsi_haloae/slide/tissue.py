@@ -155,20 +155,47 @@ def tissue_mask(reader: SlideReader, level0_tile: float | None = None, level0_mp
 
 
 def tile_fractions(mask: np.ndarray, downsample: float, xs: np.ndarray, ys: np.ndarray, size: float) -> np.ndarray:
-    """Fraction of tissue under each level-0 square (x, y, size) via a summed-area table: O(tiles)."""
+    """Fraction of each level-0 square (x, y, size) that is tissue, via a summed-area table: O(tiles).
+
+    The denominator is the whole square: the part of a square beyond the mask (beyond the slide) is not
+    tissue, so an edge tile that is half outside the slide holds at most 0.5.
+    """
     sat = np.zeros((mask.shape[0] + 1, mask.shape[1] + 1), dtype=np.int64)
     sat[1:, 1:] = np.cumsum(np.cumsum(mask, axis=0, dtype=np.int64), axis=1)
     h, w = mask.shape
 
-    def edges(v: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
-        a = np.clip(np.round(v / downsample).astype(np.int64), 0, n)
-        b = np.clip(np.round((v + size) / downsample).astype(np.int64), 0, n)
-        b = np.maximum(b, np.minimum(a + 1, n))
-        a = np.minimum(a, b - 1).clip(0)
-        return a, b
+    def edges(v: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        a = np.round(v / downsample).astype(np.int64)
+        b = np.maximum(np.round((v + size) / downsample).astype(np.int64), a + 1)  # at least one mask px
+        return a.clip(0, n), b.clip(0, n), b - a
 
-    x0, x1 = edges(np.asarray(xs, dtype=np.float64), w)
-    y0, y1 = edges(np.asarray(ys, dtype=np.float64), h)
+    x0, x1, nx = edges(np.asarray(xs, dtype=np.float64), w)
+    y0, y1, ny = edges(np.asarray(ys, dtype=np.float64), h)
     inside = sat[y1, x1] - sat[y0, x1] - sat[y1, x0] + sat[y0, x0]
-    area = np.maximum(1, (x1 - x0) * (y1 - y0))
-    return (inside / area).astype(np.float32).clip(0, 1)
+    return (inside / (nx * ny)).astype(np.float32).clip(0, 1)
+
+
+def tissue_coverage(mask: np.ndarray, downsample: float, xs: np.ndarray, ys: np.ndarray, size: float) -> float:
+    """Fraction of the mask's tissue pixels that lie in at least one level-0 square (x, y, size).
+
+    Same pixel rounding as ``tile_fractions``. Memory: one boolean image the size of the mask; time O(squares
+    + mask) through a 2-D difference array.
+    """
+    total = int(mask.sum())
+    if total == 0:
+        return 1.0
+    h, w = mask.shape
+    diff = np.zeros((h + 1, w + 1), dtype=np.int32)
+    xs = np.asarray(xs, dtype=np.float64)
+    ys = np.asarray(ys, dtype=np.float64)
+    x0 = np.round(xs / downsample).astype(np.int64)
+    y0 = np.round(ys / downsample).astype(np.int64)
+    x1 = np.maximum(np.round((xs + size) / downsample).astype(np.int64), x0 + 1).clip(0, w)
+    y1 = np.maximum(np.round((ys + size) / downsample).astype(np.int64), y0 + 1).clip(0, h)
+    x0, y0 = x0.clip(0, w), y0.clip(0, h)
+    np.add.at(diff, (y0, x0), 1)
+    np.add.at(diff, (y0, x1), -1)
+    np.add.at(diff, (y1, x0), -1)
+    np.add.at(diff, (y1, x1), 1)
+    covered = np.cumsum(np.cumsum(diff, axis=0), axis=1)[:h, :w] > 0
+    return float((covered & mask).sum() / total)

@@ -11,22 +11,22 @@ import csv
 import hashlib
 import logging
 import statistics
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset, Sampler
 
-from ..errors import BadTilesError
+from ..config import check_mpp
+from ..errors import BadTilesError, UserError
+from ..images import IMAGE_SUFFIXES, read_image, read_rgb, resize_rgb, warn_rescaled
+from ..model.inputs import to_tensor
 from .cutpaste import color_jitter, cutpaste_normal, cutpaste_scar
 
 log = logging.getLogger(__name__)
 
-#: File endings read as tiles (case-insensitive).
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 TILE_SIZE = 256
 #: Sub-folder of QC images written by ``wsi-haloae tiles`` (``wsi_haloae.slide.tiles.THUMBNAILS``).
 QC_FOLDER = "thumbnails"
@@ -62,44 +62,6 @@ def find_images(folder: Path) -> list[Path]:
     if not files:
         raise BadTilesError(f"{folder}: no image files ({', '.join(IMAGE_SUFFIXES)}) found")
     return files
-
-
-def read_rgb(path: Path) -> np.ndarray:
-    """Decode an image file as uint8 RGB (H, W, 3): grayscale is repeated to 3 channels, alpha dropped.
-
-    Raises OSError/ValueError on an unreadable file (callers decide whether that is fatal).
-    """
-    try:
-        with Image.open(path) as im:
-            im.load()
-            if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-                arr = np.asarray(im, dtype=np.float64)
-                hi = float(arr.max()) or 1.0
-                im = Image.fromarray((arr / hi * 255).astype(np.uint8))
-            return np.asarray(im.convert("RGB"))
-    except (UnidentifiedImageError, Image.DecompressionBombError) as exc:
-        if path.suffix.lower() in (".tif", ".tiff"):  # e.g. tiled or unusual TIFFs Pillow does not decode
-            import tifffile
-
-            arr = tifffile.imread(path)
-            if arr.ndim == 2:
-                arr = np.repeat(arr[..., None], 3, axis=2)
-            if arr.ndim != 3 or arr.shape[2] < 3:
-                raise ValueError(f"unsupported TIFF layout {arr.shape}") from exc
-            return np.ascontiguousarray(arr[..., :3]).astype(np.uint8)
-        raise OSError(str(exc)) from exc
-
-
-def resize_rgb(arr: np.ndarray, size: int = TILE_SIZE) -> np.ndarray:
-    """Resize to size×size with an anti-aliased bilinear filter (tiles of another size or shape are squashed)."""
-    if arr.shape[0] == size and arr.shape[1] == size:
-        return arr
-    return np.asarray(Image.fromarray(arr).resize((size, size), Image.BILINEAR))
-
-
-def to_tensor(arr: np.ndarray) -> torch.Tensor:
-    """uint8 (H, W, 3) → float (3, H, W) in [0, 1], what the model takes."""
-    return torch.from_numpy(np.array(arr, dtype=np.uint8, copy=True)).permute(2, 0, 1).float().div_(255.0)
 
 
 @dataclass
@@ -138,21 +100,28 @@ def load_tiles(folder: Path, size: int = TILE_SIZE, progress: bool = True) -> Ti
     keep = len(files) * size * size * 3 <= CACHE_LIMIT_BYTES
     good: list[Path] = []
     arrays: list[np.ndarray] = []
+    rescaled: list[tuple[Path, str]] = []
     skipped = 0
+    first_error = ""
     for p in tqdm(files, desc="reading tiles", unit="tile", disable=not progress, leave=False):
         try:
-            arr = resize_rgb(read_rgb(p), size)
-        except (OSError, ValueError, SyntaxError) as exc:
+            image = read_image(p)
+        except (OSError, ValueError) as exc:  # images.ImageReadError is a ValueError
             skipped += 1
+            first_error = first_error or f"{p.name}: {exc}"
             log.debug("skipping unreadable tile %s: %s", p, exc)
             continue
+        if image.note:
+            rescaled.append((p, image.note))
+        arr = resize_rgb(image.pixels, size)
         good.append(p)
         if keep:
             arrays.append(arr)
     if skipped:
-        log.warning("%s: skipped %d unreadable image file(s) of %d", root, skipped, len(files))
+        log.warning("%s: skipped %d unreadable image file(s) of %d (first: %s)", root, skipped, len(files), first_error)
+    warn_rescaled(root, rescaled, len(files))
     if not good:
-        raise BadTilesError(f"{root}: none of the {len(files)} image files could be read")
+        raise BadTilesError(f"{root}: none of the {len(files)} image files could be read (first: {first_error})")
     log.info("%s: %d training tiles%s", root, len(good), " (cached in memory)" if keep else "")
     cache = np.stack(arrays) if keep else None
     return TileSet(root=root, paths=good, skipped=skipped, cache=cache, size=size)
@@ -174,7 +143,10 @@ def training_mpp(folder: Path) -> float | None:
         med = statistics.median(vals)
         if max(vals) - min(vals) > 1e-3 * med:
             log.warning("%s: tiles have different mpp (%.4g–%.4g); recording the median", cand, min(vals), max(vals))
-        return med
+        try:  # the model records it, and a model file with an implausible mpp is refused when loaded
+            return check_mpp(med, f"{cand}: the tiles' mpp")
+        except UserError as exc:
+            raise BadTilesError(str(exc)) from None
     return None
 
 
@@ -254,7 +226,3 @@ class PlainTiles(Dataset):
 
     def __getitem__(self, i: int) -> torch.Tensor:
         return to_tensor(self.tiles.get(i))
-
-
-def stack_tiles(arrays: Sequence[np.ndarray]) -> torch.Tensor:
-    return torch.stack([to_tensor(a) for a in arrays])

@@ -2,11 +2,14 @@
 
 SSIM uses an 11×11 Gaussian window (σ 1.5), applied per channel with a grouped convolution and without
 padding (only windows that lie inside the map count, like scikit-image's ``structural_similarity`` which crops
-the border). Constants C1 = (0.01·L)², C2 = (0.03·L)² need a data range L. Images here live in ImageNet-
-normalised space and VGG features are unbounded ReLU outputs, so no fixed L fits both: L is taken per sample
-as the (detached) range max − min of the *target* over all its channels and pixels. That keeps C1, C2 in
-proportion to the data — as SSIM intends for [0, 1] or [0, 255] images — whatever the feature scale, and
-never lets the gradient flow through the constants. A floor (1e-6) avoids division by zero on flat targets.
+the border). Its stabilising constants are the paper's (and the authors' code's): fixed C1 = 1e-4 and
+C2 = 9e-4, i.e. (0.01·L)² and (0.03·L)² with L = 1, for features and images alike.
+
+Why fixed: VGG features are unbounded ReLU outputs, and a data range L taken from them (max − min of a
+sample, ≈ 66 for r31 features of MVTec bottle) makes C2 ≈ 3.9, larger than the local feature variance in
+most channel × window pairs; SSIM then reads ≈ 1 whatever the reconstruction and the loss degenerates to
+MSE (docs/model-card.md gives the measured effect). The small fixed constants only guard against division
+by zero, so SSIM compares local means, variances and covariance of every channel as intended.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ import torch
 import torch.nn.functional as F
 
 K1, K2 = 0.01, 0.03
+#: The paper's constants: (K1·1)², (K2·1)², as scikit-image's SSIM with data_range=1.
+C1, C2 = K1**2, K2**2
 WINDOW, SIGMA = 11, 1.5
 
 
@@ -34,24 +39,24 @@ def ssim(
     sigma: float = SIGMA,
     reduction: str = "mean",
 ) -> torch.Tensor:
-    """Mean SSIM between prediction x and target y, both (N, C, H, W), computed in float32.
+    """Mean SSIM between prediction x and target y, both (N, C, H, W), computed in float32 (float64 stays).
 
-    ``data_range`` None → per-sample range of y (see module docstring). reduction "none" gives one value
-    per sample.
+    ``data_range`` None → the fixed constants C1, C2 (L = 1; see the module docstring); a number or a
+    per-sample tensor L gives C1 = (K1·L)², C2 = (K2·L)². reduction "none" gives one value per sample.
     """
     if x.shape != y.shape or x.dim() != 4:
         raise ValueError(f"ssim: expected two (N, C, H, W) tensors of one shape, got {tuple(x.shape)}, {tuple(y.shape)}")
-    x, y = x.float(), y.float()
+    dtype = torch.promote_types(torch.promote_types(x.dtype, y.dtype), torch.float32)
+    x, y = x.to(dtype), y.to(dtype)
     n, c, h, w = x.shape
     if h < window or w < window:
         raise ValueError(f"ssim: maps of {h}x{w} are smaller than the {window}x{window} window")
     if data_range is None:
-        flat = y.detach().reshape(n, -1)
-        L = (flat.amax(1) - flat.amin(1)).clamp_min(1e-6).view(n, 1, 1, 1)
+        c1, c2 = C1, C2
     else:
-        L = torch.as_tensor(data_range, dtype=torch.float32, device=x.device).reshape(-1, 1, 1, 1)
-    c1, c2 = (K1 * L) ** 2, (K2 * L) ** 2
-    k = gaussian_window(window, sigma, device=x.device).expand(c, 1, window, window).contiguous()
+        L = torch.as_tensor(data_range, dtype=dtype, device=x.device).reshape(-1, 1, 1, 1)
+        c1, c2 = (K1 * L) ** 2, (K2 * L) ** 2
+    k = gaussian_window(window, sigma, dtype=dtype, device=x.device).expand(c, 1, window, window).contiguous()
 
     def filt(t: torch.Tensor) -> torch.Tensor:
         return F.conv2d(t, k, groups=c)
