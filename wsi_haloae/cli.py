@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .config import InferOptions
+from .config import THRESHOLD_RULES, InferOptions
 from .errors import UserError
 from .infer.outputs import COHORT_DEFAULT
 from .infer.outputs import OPTIONS as OUTPUT_OPTIONS
@@ -176,6 +176,8 @@ def _infer_options(readers: str):
         click.option("--pixel-downsample", default=_OPT.pixel_downsample, show_default=True, type=click.IntRange(min=1), help="Slide pixels per heatmap pixel at level 0 of the map."),
         click.option("--min-tissue", default=_OPT.min_tissue, show_default=True, type=click.FloatRange(0, 1), help="Tissue fraction a tile needs to be scored (tiles at the slide's edges count their outside as glass)."),
         click.option("--ngff", default=_OPT.ngff, type=click.Choice(["0.4", "0.5"]), show_default=True, help="OME-NGFF version of the .zarr store: 0.4 on Zarr 2 (QuPath 0.6 reads it) or 0.5 on Zarr 3."),
+        click.option("--threshold", default=_OPT.threshold, show_default=True, type=click.Choice(list(THRESHOLD_RULES)), help="How tiles are classified Anomalous: fdr = calibrated p-values with Benjamini-Hochberg at --fdr (needs a calibrated model; falls back to mad with a warning); mad = per-slide median + 3 MAD (docs/scores.md)."),
+        click.option("--fdr", default=_OPT.fdr, show_default=True, type=click.FloatRange(0, 1, min_open=True, max_open=True), help="False discovery rate of the Anomalous tiles of a slide (--threshold fdr)."),
         click.option("--overwrite", is_flag=True, help="Redo outputs that are already complete."),
     ]
 

@@ -311,6 +311,10 @@ def _check_overlap(overlap: float) -> None:
                             f"that windows fall exactly on every tile)")
 
 
+#: ``--threshold``: how tiles are classified Anomalous (``scoring.rules.RULES``; not imported: config stays leaf).
+THRESHOLD_RULES = ("fdr", "mad")
+
+
 @dataclass(frozen=True)
 class InferOptions:
     """How a slide is scored: one object shared by ``infer``, ``cohort`` and the cohort worker's task.
@@ -331,6 +335,9 @@ class InferOptions:
     max_failed_fraction: float = 0.05  # unreadable tissue tiles tolerated before the slide is refused
     progress: bool = True  # a tqdm bar on stderr
     ngff: str = "0.4"  # OME-NGFF version of the store: 0.4 on Zarr 2 (what QuPath 0.6 reads) or 0.5 on Zarr 3
+    # calibrated calls (issue 10, scoring/): the rule that classifies tiles Anomalous, and its FDR level
+    fdr: float = 0.05  # Benjamini-Hochberg level over a slide's tissue tiles (rule "fdr")
+    threshold: str = "fdr"  # "fdr": calibrated p-values + BH (needs a calibrated model); "mad": per-slide median + 3 MAD
 
     def __post_init__(self) -> None:
         if self.mpp is not None and not self.mpp > 0:
@@ -352,6 +359,10 @@ class InferOptions:
             raise BadInputError(f"--ngff {self.ngff}: expected 0.4 (Zarr 2) or 0.5 (Zarr 3)")
         if not 0 <= self.max_failed_fraction <= 1:
             raise BadInputError(f"max_failed_fraction {self.max_failed_fraction}: must be between 0 and 1")
+        if not 0 < self.fdr < 1:
+            raise BadInputError(f"--fdr {self.fdr:g}: must be between 0 and 1 (exclusive), e.g. 0.05")
+        if self.threshold not in THRESHOLD_RULES:
+            raise BadInputError(f"--threshold {self.threshold}: expected one of {', '.join(THRESHOLD_RULES)}")
 
 
 @dataclass

@@ -15,11 +15,11 @@ from .pvalues import (benjamini_hochberg, calibration_size_needed, conformal_pva
                       resolution_warning, simes_pvalue)
 from .regions import Regions, cell_area_mm2, connected_regions
 from .rules import DEFAULT_ALPHA, DEFAULT_RULE, MAD_K, RULES, resolve_rule, robust_threshold
-from .verdict import VERDICTS, SlideVerdict, slide_verdict
+from .verdict import SUMMARY_KEYS, VERDICTS, SlideVerdict, slide_verdict
 
 __all__ = [
     "Calibration", "DEFAULT_ALPHA", "DEFAULT_RULE", "DISPLAY_QUANTILES", "FORMAT", "MAD_K", "MAX_STORED", "MIN_TILES",
-    "PIXEL_QUANTILES", "RULES", "Regions", "STATISTIC", "SlideVerdict", "VERDICTS", "benjamini_hochberg",
+    "PIXEL_QUANTILES", "RULES", "Regions", "STATISTIC", "SUMMARY_KEYS", "SlideVerdict", "VERDICTS", "benjamini_hochberg",
     "calibration_size_needed", "cell_area_mm2", "check_block", "conformal_pvalues", "connected_regions",
     "mean_map_sha256", "min_callable_tiles", "resolution_warning", "resolve_rule", "robust_threshold",
     "simes_pvalue", "slide_verdict",

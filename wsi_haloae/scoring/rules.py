@@ -12,7 +12,9 @@ from typing import Any
 
 import numpy as np
 
-RULES = ("fdr", "mad")
+from ..config import THRESHOLD_RULES
+
+RULES = THRESHOLD_RULES  # ("fdr", "mad"): declared once, in config, for ``--threshold``
 DEFAULT_RULE = "fdr"
 DEFAULT_ALPHA = 0.05
 #: Robust threshold: median + K * 1.4826 * MAD of the slide's scored tile means (see docs/output-format.md).

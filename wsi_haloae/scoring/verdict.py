@@ -19,6 +19,9 @@ from .regions import connected_regions
 from .rules import DEFAULT_ALPHA, RULES, robust_threshold
 
 VERDICTS = ("normal", "anomalous", "no tissue")
+#: The verdict's figures a slide's one-row summary shows (store attribute ``summary``, cohort.csv columns).
+SUMMARY_KEYS = ("verdict", "anomalous_tiles", "anomalous_fraction", "anomalous_area_mm2", "largest_region_mm2",
+                "simes_pvalue", "rule", "alpha")
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,11 @@ class SlideVerdict:
             "cell_area_mm2": self.cell_area_mm2,
             "calibration_n": self.calibration_n,
         }
+
+    def summary(self) -> dict[str, Any]:
+        """The figures of ``SUMMARY_KEYS``: what a cohort row shows."""
+        d = self.to_dict()
+        return {k: d[k] for k in SUMMARY_KEYS}
 
     def line(self) -> str:
         """One line for a pathologist: the verdict and what it rests on."""
