@@ -61,6 +61,11 @@ def _verdict(store: Path, cal: Calibration):
     rc = g["tiles/rc"][:]
     v = slide_verdict(g["tiles/score_mean"][:], rc[:, 0], rc[:, 1], (attrs["tiles"]["n_rows"], attrs["tiles"]["n_cols"]),
                       cell_area_mm2(attrs["level0_tile"], attrs["slide"]["mpp"]), cal, alpha=ALPHA)
+    # infer made the same p-values, calls and verdict itself (store tables and attributes)
+    np.testing.assert_allclose(g["tiles/pvalue"][:], v.pvalues.astype(np.float32))
+    np.testing.assert_array_equal(g["tiles/anomalous"][:], v.anomalous)
+    assert attrs["verdict"]["verdict"] == v.verdict and attrs["verdict"]["anomalous_tiles"] == v.anomalous_tiles
+    assert attrs["verdict"]["simes_pvalue"] == pytest.approx(v.simes_pvalue)
     return g, attrs, v
 
 

@@ -237,3 +237,17 @@ def test_cohort_tables_and_page_carry_the_verdict(calibrated, tmp_path):
     assert "score max (raw)" in page
     lo, hi = cal.display_range
     assert f"one scale for every slide ({lo:.3g} to {hi:.3g}" in page
+
+
+def test_a_complete_store_keeps_its_calls_and_says_so(calibrated, caplog):
+    _, runs, model, work = calibrated
+    out, _, _ = runs["planted"]
+    before = read_attrs(out)["verdict"]
+    cfg = cfg_for(work / "planted.tif", work, out=out)
+    with caplog.at_level(logging.WARNING):
+        same = run_infer(cfg, loaded=model)
+        other = run_infer(replace(cfg, options=replace(cfg.options, fdr=0.1)), loaded=model)
+    assert same.status == other.status == "skipped" and other.verdict == before
+    assert "verdict: anomalous" in other.line()
+    warned = [r.getMessage() for r in caplog.records if "its calls are kept" in r.getMessage()]
+    assert len(warned) == 1 and "--threshold fdr --fdr 0.05" in warned[0] and "--fdr 0.1" in warned[0]

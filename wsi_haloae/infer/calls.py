@@ -36,6 +36,7 @@ class SlideCalls:
     verdict: SlideVerdict
     calibration: Calibration | None
     requested: str  # the rule the user asked for (``--threshold``); ``verdict.rule`` is the one applied
+    fdr: float  # ``--fdr`` as asked (``verdict.alpha`` is None when the rule applied is mad)
     area_basis: str | None  # how the tile area was worked out, None when it is unknown
 
     @property
@@ -70,7 +71,7 @@ class SlideCalls:
                       f"against {self.calibration.n:,} normal calibration tiles")
         else:
             method = "tile anomaly_score > median + 3 * 1.4826 * MAD of the slide's own tiles (uncalibrated)"
-        calls = {"rule": v.rule, "requested": self.requested, "alpha": v.alpha, "method": method,
+        calls = {"rule": v.rule, "requested": self.requested, "fdr": self.fdr, "alpha": v.alpha, "method": method,
                  "anomalous_tiles": v.anomalous_tiles, "pvalue_cutoff": v.pvalue_cutoff,
                  "score_threshold": v.score_threshold, "fallback": v.rule != self.requested}
         cal = None
@@ -112,7 +113,7 @@ def call_slide(score_mean: np.ndarray, grid, slide_mpp: float | None, metadata: 
         line = resolution_warning(cal.n, v.tissue_tiles, options.fdr)
         if line:
             log.warning("%s", line)
-    return SlideCalls(verdict=v, calibration=cal, requested=options.threshold, area_basis=basis)
+    return SlideCalls(verdict=v, calibration=cal, requested=options.threshold, fdr=options.fdr, area_basis=basis)
 
 
 def verdict_line(v: dict[str, Any] | None) -> str:

@@ -264,6 +264,20 @@ def _check_same_run(cfg: InferConfig, out: Path, attrs: dict[str, Any], loaded) 
     if sha and sha != have:
         raise OutputError(f"{out}: complete, but made by another model (sha256 {sha[:12]}...); use --overwrite to "
                           "replace it, or choose another --out")
+    _warn_other_calls(cfg, out, attrs)
+
+
+def _warn_other_calls(cfg: InferConfig, out: Path, attrs: dict[str, Any]) -> None:
+    """A complete store keeps the calls it was made with: say so when this run asked for other ones."""
+    calls, opts = attrs.get("calls") or {}, cfg.options
+    if not calls:
+        return
+    asked = (opts.threshold, opts.fdr if opts.threshold == "fdr" else None)
+    made = (calls.get("requested"), calls.get("fdr") if calls.get("requested") == "fdr" else None)
+    if asked != made:
+        log.warning("%s: complete, with calls made at --threshold %s%s; its calls are kept (use --overwrite to "
+                    "redo them at --threshold %s%s)", out, made[0], f" --fdr {made[1]:g}" if made[1] else "",
+                    asked[0], f" --fdr {asked[1]:g}" if asked[1] else "")
 
 
 def _write_extras(ctx: outputs.StoreContext, extras: dict[str, Path], temps: dict[str, Path]) -> None:
