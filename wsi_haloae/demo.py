@@ -40,10 +40,11 @@ EPOCHS = 5
 SAMPLES_PER_EPOCH = 8
 BATCH_SIZE = 2
 STRIDE = 256
-#: Calibration tiles: every 64 px on the normal slide (~650 overlapping tiles, ~1-2 min to score on 2 CPU
-#: cores): with n calibration tiles a call on the demo slide's ~55 tissue tiles needs about
-#: 55 / (0.05 (n + 1)) tiles more unusual than all of them: 2 at n = 650, 21 at n = 50 (docs/scores.md).
-CALIBRATION_STRIDE = 64
+#: Calibration tiles: every 96 px on the normal slide (~320 overlapping tiles; scoring them is most of the
+#: demo's time on a CPU). With n calibration tiles a call on the demo slide's 64 tissue tiles needs about
+#: 64 / (0.05 (n + 1)) tiles more unusual than all of them (docs/scores.md): 4 at n = 320 (the planted anomaly
+#: covers 6 tiles), 2 at n = 729 (every 64 px, twice the time), 26 at n = 48 (every 256 px).
+CALIBRATION_STRIDE = 96
 
 
 def demo_spec() -> SyntheticSlideSpec:
@@ -226,8 +227,8 @@ def _print_report(result: dict[str, Any], outputs: dict[str, str], backbone_note
         "",
         "Open it in QuPath (docs/qupath.md):",
         f"  1. drag {result['slide']} onto QuPath;",
-        f"  2. drag {outputs['geojson']} onto the slide (tiles with an 'anomaly_score' measurement;",
-        "     the highest are classified 'Anomalous');",
+        f"  2. drag {outputs['geojson']} onto the slide (tiles with 'anomaly_score' and 'anomaly_pvalue'",
+        "     measurements; the tiles called at FDR 0.05 are classified 'Anomalous');",
         "  3. Measure > Show measurement maps > anomaly_score colours the slide;",
         f"  4. {outputs['tiff_rgb']} (or the .zarr folder, QuPath 0.6+) opens as an image of the heatmap.",
         "",

@@ -168,10 +168,12 @@ def _preview_subtitle(a: dict[str, Any]) -> str:
         return f"no tissue found: 0 of {a['tiles']['grid']} grid tiles have >= {a['min_tissue']:g} tissue"
     from .calls import verdict_line
 
-    line = verdict_line(a.get("verdict"))
-    if a.get("calibration"):
-        line += "; colour scale fixed by the calibration"
-    return line
+    return verdict_line(a.get("verdict"))
+
+
+def _score_label(a: dict[str, Any]) -> str:
+    """The colour bar's label: whether its scale is the model's (the same on every slide) or this slide's."""
+    return "anomaly score (model's calibrated scale)" if a.get("calibration") else "anomaly score (this slide's scale)"
 
 
 def _preview(ctx: StoreContext, path: Path) -> None:
@@ -191,7 +193,7 @@ def _preview(ctx: StoreContext, path: Path) -> None:
     anomalous = _anomalous(ctx)  # the GeoJSON's Anomalous tiles (attribute ``calls``)
     write_preview(path, thumb, (W, H), heat[:], (ox, oy, ox + hw * s, oy + hh * s), vmin=vmin, vmax=vmax,
                   title=a["slide"].get("id") or slide_id(ctx.slide), subtitle=_preview_subtitle(a),
-                  tile_boxes=_tile_boxes(ctx), anomalous=anomalous)
+                  tile_boxes=_tile_boxes(ctx), anomalous=anomalous, score_label=_score_label(a))
 
 
 # ------------------------------------------------------------------------------------------------ the table
