@@ -251,3 +251,15 @@ def test_a_complete_store_keeps_its_calls_and_says_so(calibrated, caplog):
     assert "verdict: anomalous" in other.line()
     warned = [r.getMessage() for r in caplog.records if "its calls are kept" in r.getMessage()]
     assert len(warned) == 1 and "--threshold fdr --fdr 0.05" in warned[0] and "--fdr 0.1" in warned[0]
+
+
+def test_cohort_page_says_whose_colour_scale_and_rule(tmp_path):
+    from wsi_haloae.cohort.report import to_html
+
+    rows = [{"id": "a", "path": "/a", "status": "done", "verdict": "normal"}]
+    cal = {"n": 1234, "display_range": [0.2, 11.6]}
+    assert "has no calibration: each preview has its own colour scale" in to_html(rows, tmp_path, "t", {"calibration": None})
+    fdr = to_html(rows, tmp_path, "t", {"calibration": cal, "threshold": "fdr", "fdr": 0.1})
+    assert "one scale for every slide (0.2 to 11.6" in fdr and "1,234 normal tiles" in fdr and "FDR 0.1 on p-values" in fdr
+    mad = to_html(rows, tmp_path, "t", {"calibration": cal, "threshold": "mad", "fdr": 0.05})
+    assert "median + 3 MAD rule (--threshold mad)" in mad and "Benjamini" not in mad

@@ -147,7 +147,7 @@ def _model_sha256(model: Path) -> tuple[str, dict[str, Any]]:
         raise BadModelFileError(f"{model}: no such model file")
     loaded = load_model(model, device="cpu")
     cal = Calibration.from_metadata(loaded.metadata, f"model file {model}")
-    return loaded.sha256, {"calibration": None if cal is None else {k: v for k, v in cal.summary().items()}}
+    return loaded.sha256, {"calibration": None if cal is None else cal.summary()}
 
 
 def _print_plan(cfg: CohortConfig, entries: list[SlideEntry], rows: dict[str, dict], todo: list[SlideEntry],

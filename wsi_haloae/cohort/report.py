@@ -99,9 +99,11 @@ def _scale_line(meta: dict[str, Any] | None) -> str:
     cal = meta.get("calibration")
     if cal:
         lo, hi = cal["display_range"]
+        calls = ("the per-slide median + 3 MAD rule (--threshold mad)" if meta.get("threshold") == "mad" else
+                 f"Benjamini-Hochberg at FDR {meta.get('fdr', 0.05):g} on p-values against that calibration")
         return (f"Colours: one scale for every slide ({lo:.3g} to {hi:.3g}, fixed by the model's calibration on "
                 f"{cal['n']:,} normal tiles), so the same colour is the same score on every slide. Anomalous tiles: "
-                f"Benjamini-Hochberg at FDR {meta.get('fdr', 0.05):g} on p-values against that calibration.")
+                f"{calls}.")
     if "calibration" in meta:
         return ("The model has no calibration: each preview has its own colour scale and Anomalous tiles are the "
                 "per-slide median + 3 MAD rule (not comparable across slides; see wsi-haloae calibrate).")
