@@ -12,7 +12,7 @@ their own keys beside these, not inside them.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -25,6 +25,13 @@ log = logging.getLogger(__name__)
 #: Models whose missing calibration this process has already warned about: one warning per model, not per slide.
 _WARNED: set[str] = set()
 
+#: Tiles with less tissue than this are scored and mapped but not tested under ``fdr``: a calibration is made
+#: of ``wsi-haloae tiles`` tiles, which keep >= 0.5 tissue by default (``TilesConfig.min_tissue``), so a tile
+#: at the tissue's edge, mostly glass, has no like in it and its p-value would not be valid (measured: all 8 such
+#: tiles of a normal synthetic slide had p <= 0.05 against a hold-out calibration, and made every false call
+#: on the planted slide; tests/test_calibration_quality.py).
+CALL_MIN_TISSUE = 0.5
+
 #: Without a calibration the colour scale is per slide (as before round 2): 0 to this quantile of its tile maxima.
 SLIDE_DISPLAY_QUANTILE = 0.99
 
@@ -36,6 +43,7 @@ class SlideCalls:
     verdict: SlideVerdict
     calibration: Calibration | None
     requested: str  # the rule the user asked for (``--threshold``); ``verdict.rule`` is the one applied
+    low_tissue: int  # tissue tiles below ``CALL_MIN_TISSUE``, not tested (fdr) and without a p-value
     fdr: float  # ``--fdr`` as asked (``verdict.alpha`` is None when the rule applied is mad)
     area_basis: str | None  # how the tile area was worked out, None when it is unknown
 
@@ -82,7 +90,8 @@ class SlideCalls:
                    "n_slides": p.get("n_slides"), "min_pvalue": s["min_pvalue"],
                    "score_quantiles": s["score_quantiles"], "display_range": s["display_range"],
                    "mean_map_sha256": s["mean_map_sha256"]}
-        verdict = {**v.to_dict(), "area_basis": self.area_basis}
+        verdict = {**v.to_dict(), "area_basis": self.area_basis, "untested_low_tissue": self.low_tissue,
+                   "min_tissue_tested": CALL_MIN_TISSUE if v.rule == "fdr" else None}
         return {"calls": calls, "calibration": cal, "verdict": verdict}
 
     def summary(self) -> dict[str, Any]:
@@ -108,12 +117,19 @@ def call_slide(score_mean: np.ndarray, grid, slide_mpp: float | None, metadata: 
                  "(edge tiles count whole)")
     else:
         area, basis = None, None
-    v = slide_verdict(score_mean, grid.rows, grid.cols, (grid.n_rows, grid.n_cols), area, cal, options.fdr, rule)
+    scores = np.asarray(score_mean, np.float64)
+    low = np.asarray(grid.tissue, np.float64) < CALL_MIN_TISSUE
+    # fdr tests only tiles the calibration has like ones of; the per-slide rule takes every scored tile, as before
+    tested = np.where(low, np.nan, scores) if rule == "fdr" else scores
+    v = slide_verdict(tested, grid.rows, grid.cols, (grid.n_rows, grid.n_cols), area, cal, options.fdr, rule)
+    if rule == "mad" and cal is not None:  # p-values still written, and still only where they are valid
+        v = replace(v, pvalues=np.where(low, np.nan, v.pvalues))
     if cal is not None and rule == "fdr":
         line = resolution_warning(cal.n, v.tissue_tiles, options.fdr)
         if line:
             log.warning("%s", line)
-    return SlideCalls(verdict=v, calibration=cal, requested=options.threshold, fdr=options.fdr, area_basis=basis)
+    return SlideCalls(verdict=v, calibration=cal, requested=options.threshold, fdr=options.fdr, area_basis=basis,
+                      low_tissue=int(low.sum()) if cal is not None else 0)
 
 
 def verdict_line(v: dict[str, Any] | None) -> str:
@@ -121,7 +137,9 @@ def verdict_line(v: dict[str, Any] | None) -> str:
     if not v:
         return ""
     if v.get("verdict") == "no tissue":
-        return "verdict: no tissue"
+        low = v.get("untested_low_tissue") or 0
+        return (f"verdict: no tissue to test ({low} edge tiles below {v.get('min_tissue_tested'):g} tissue)"
+                if low and v.get("min_tissue_tested") else "verdict: no tissue")
     rule = f"FDR {v['alpha']:g}" if v.get("rule") == "fdr" else "per-slide MAD rule, uncalibrated"
     area = v.get("anomalous_area_mm2")
     where = (f", {area:.3g} mm², largest region {v['largest_region_mm2']:.3g} mm²" if area is not None
