@@ -26,11 +26,11 @@ def test_demo_spec_plants_the_anomaly_in_the_right_island_only():
 @pytest.mark.slow
 def test_demo_end_to_end(tmp_path, capsys):
     out = tmp_path / "demo"
-    res = run_demo(out, device="cpu", train_steps=1)
+    res = run_demo(out, device="cpu", train_steps=1, calibration_stride=256)
     printed = capsys.readouterr().out
     # every output exists, is complete, and is named in the printed report with QuPath instructions
     assert writers.is_complete(out / "heatmap.zarr")
-    for name in ("demo_slide.tif", "model.safetensors", "heatmap.ome.tif", "heatmap.rgb.ome.tif",
+    for name in ("demo_slide.tif", "normal_slide.tif", "model.safetensors", "heatmap.ome.tif", "heatmap.rgb.ome.tif",
                  "heatmap_tiles.geojson", "heatmap.png", "normal_region.geojson", "demo_summary.json"):
         assert (out / name).is_file(), name
         if name.startswith("heatmap"):
@@ -58,3 +58,15 @@ def test_demo_end_to_end(tmp_path, capsys):
     g = writers.open_store(out / "heatmap.zarr")
     scores = g["tiles/score_mean"][:]
     assert np.isfinite(scores).all() and len(scores) == c["tiles"]
+    # the model is calibrated on the normal slide's tiles (not its training tiles), and the verdict is printed
+    from wsi_haloae.model.checkpoint import load_model
+
+    meta = load_model(out / "model.safetensors").metadata
+    n_cal = len(list((out / "calibration_tiles").glob("*.png")))
+    assert meta["calibration"]["n"] == n_cal >= 20 and meta["calibration"]["provenance"]["source"] == "calibrate"
+    assert meta["holdout"]["mode"] == "none" and res["calibration"]["n"] == n_cal
+    attrs = writers.read_attrs(out / "heatmap.zarr")
+    v = attrs["verdict"]
+    assert attrs["calls"]["rule"] == "fdr" and attrs["calibration"]["n"] == n_cal
+    assert f"Slide verdict: {v['verdict']} ({v['anomalous_tiles']} of {v['tissue_tiles']} tissue tiles" in printed
+    assert c["classified_anomalous"] == v["anomalous_tiles"] == int(g["tiles/anomalous"][:].sum())

@@ -69,14 +69,19 @@ def model(mvtec, tmp_path_factory) -> Path:
     return run_train(cfg)
 
 
-def test_json_on_stdout_and_report(model, mvtec, tmp_path):
+def test_json_on_stdout_and_report(model, mvtec, tmp_path, caplog):
     report = tmp_path / "report"
     r = CliRunner().invoke(main, ["evaluate", "--model", str(model), "--data", str(mvtec), "--json", "--report", str(report), "--device", "cpu"])
     assert r.exit_code == 0, r.stderr
     assert r.stdout.count("\n") == 1
     res = json.loads(r.stdout)
-    assert set(res) == {"image_auroc", "image_auroc_max", "pixel_auroc", "aupro", "n_images", "n_anomalous"}
+    assert set(res) == {"image_auroc", "image_auroc_max", "pixel_auroc", "aupro", "n_images", "n_anomalous", "alpha",
+                        "calibration_n", "fpr_at_alpha", "tpr_at_alpha", "called_good", "called_defect",
+                        "tpr_at_alpha_per_defect"}
     assert res["n_images"] == 6 and res["n_anomalous"] == 3
+    # 6 training images: too few to hold out 20, so no calibration and calibrated figures are n/a, with a warning
+    assert res["calibration_n"] is None and res["fpr_at_alpha"] is None and res["tpr_at_alpha"] is None
+    assert "has no calibration" in caplog.text
     for k in ("image_auroc", "image_auroc_max", "pixel_auroc", "aupro"):
         assert 0.0 <= res[k] <= 1.0
     pngs = sorted(p.name for p in report.glob("*.png"))
@@ -118,10 +123,45 @@ def test_figures_match_an_independent_computation(model, mvtec, capsys):
     assert res["aupro"] == pytest.approx(aupro(maps, masks), abs=1e-6)
 
 
+def test_calibrated_calls_match_the_pvalues_of_the_image_scores(model, mvtec, tmp_path, capsys):
+    """With a calibration, each image is called when its conformal p-value is <= 0.05: FPR on good, TPR on defects."""
+    from wsi_haloae.model import load_model, postprocess, tile_scores
+    from wsi_haloae.model.checkpoint import rewrite_metadata
+    from wsi_haloae.scoring import Calibration
+
+    lm = load_model(model)
+    scores, labels = [], []
+    for defect in ("good", "stain"):
+        for i in range(3):
+            img = Image.open(mvtec / "test" / defect / f"{i:03d}.png").convert("RGB")
+            x = torch.from_numpy(np.array(img.resize((256, 256), Image.BILINEAR))).permute(2, 0, 1)[None].float() / 255
+            with torch.no_grad():
+                scores.append(float(tile_scores(postprocess(lm.model.anomaly_map(x), lm.mean_map))[0][0]))
+            labels.append(defect != "good")
+    scores_a = np.array(scores)
+    # 39 calibration scores spread over the images' range: some images fall above all but one of them (called)
+    cal_scores = np.linspace(scores_a.min() - 1e-6, np.median(scores_a), 39)
+    cal = Calibration.from_scores(cal_scores, np.linspace(0, 1, 100), {"tiles": "t"}, mean_map=lm.mean_map.numpy())
+    calibrated = rewrite_metadata(model, tmp_path / "cal.safetensors", {"calibration": cal.to_dict()})
+    res = run_evaluate(model=calibrated, data=mvtec, as_json=True, report=tmp_path / "rep", device="cpu", batch_size=4)
+    capsys.readouterr()
+    p = np.array([(1 + np.sum(cal.scores >= s)) / 40 for s in np.float32(scores_a).astype(float)])
+    called = p <= 0.05
+    lab = np.array(labels)
+    assert 0 < called.sum() < 6  # the check can tell right from wrong
+    assert res["calibration_n"] == 39 and res["alpha"] == 0.05
+    assert res["fpr_at_alpha"] == pytest.approx(called[~lab].mean()) and res["called_good"] == called[~lab].sum()
+    assert res["tpr_at_alpha"] == pytest.approx(called[lab].mean()) and res["called_defect"] == called[lab].sum()
+    assert res["tpr_at_alpha_per_defect"] == {"stain": pytest.approx(called[lab].mean())}
+    lo, hi = cal.display_range
+    assert f"{lo:.4g}" in (tmp_path / "rep" / "index.html").read_text()  # the report's colours use the calibration
+
+
 def test_table_on_stdout(model, mvtec, capsys):
     run_evaluate(model=model, data=mvtec, as_json=False, report=None, device="cpu", batch_size=8)
     out = capsys.readouterr().out
     assert "pixel AUROC" in out and "AUPRO" in out and "6 (3 anomalous)" in out
+    assert "false-positive rate on good" in out and "n/a: the model has no calibration" in out
 
 
 def test_bad_inputs(model, mvtec, tmp_path):

@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .config import InferOptions
+from .config import THRESHOLD_RULES, InferOptions
 from .errors import UserError
 from .infer.outputs import COHORT_DEFAULT
 from .infer.outputs import OPTIONS as OUTPUT_OPTIONS
@@ -92,6 +92,8 @@ def info(preset: str, model_path: Path | None) -> None:
 @click.option("--workers", default=2, show_default=True, type=click.IntRange(min=0))
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its resume file.")
+@click.option("--val-fraction", default=0.1, show_default=True, type=click.FloatRange(0, 0.5),
+              help="Share of the normal tiles (whole slides when tiles.csv names >= 3) kept out to calibrate the model; 0: none.")
 @click.option("--checkpoint-minutes", default=10.0, show_default=True, type=click.FloatRange(min=0),
               help="Write the resume file this often (and at every epoch end); 0: after every step.")
 @click.option("--compile", "compile", is_flag=True, help="torch.compile the model (for long GPU runs: a few minutes to compile, then faster steps).")
@@ -105,6 +107,21 @@ def train(**kw) -> None:
     from .train.trainer import run_train
 
     _run(run_train, TrainConfig(**kw))
+
+
+@main.command()
+@click.option("--model", required=True, type=click.Path(path_type=Path), help="The model file to calibrate.")
+@click.option("--tiles", required=True, type=click.Path(path_type=Path), help="Folder of NORMAL tiles from your site (e.g. `wsi-haloae tiles` on normal slides).")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="The calibrated model file to write (equal to --model: replace it).")
+@click.option("--device", default="auto", type=DEVICE, show_default=True)
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
+@click.option("--workers", default=2, show_default=True, type=click.IntRange(min=0))
+def calibrate(**kw) -> None:
+    """(Re)calibrate a model on normal tiles: the p-values, calls and colour scale of infer rest on it."""
+    from .calibrate import run_calibrate
+    from .config import CalibrateConfig
+
+    _run(run_calibrate, CalibrateConfig(**kw))
 
 
 @main.command()
@@ -163,6 +180,8 @@ def _infer_options(readers: str):
         click.option("--pixel-downsample", default=_OPT.pixel_downsample, show_default=True, type=click.IntRange(min=1), help="Slide pixels per heatmap pixel at level 0 of the map."),
         click.option("--min-tissue", default=_OPT.min_tissue, show_default=True, type=click.FloatRange(0, 1), help="Tissue fraction a tile needs to be scored (tiles at the slide's edges count their outside as glass)."),
         click.option("--ngff", default=_OPT.ngff, type=click.Choice(["0.4", "0.5"]), show_default=True, help="OME-NGFF version of the .zarr store: 0.4 on Zarr 2 (QuPath 0.6 reads it) or 0.5 on Zarr 3."),
+        click.option("--threshold", default=_OPT.threshold, show_default=True, type=click.Choice(list(THRESHOLD_RULES)), help="How tiles are classified Anomalous: fdr = calibrated p-values with Benjamini-Hochberg at --fdr (needs a calibrated model; falls back to mad with a warning); mad = per-slide median + 3 MAD (docs/scores.md)."),
+        click.option("--fdr", default=_OPT.fdr, show_default=True, type=click.FloatRange(0, 1, min_open=True, max_open=True), help="False discovery rate of the Anomalous tiles of a slide (--threshold fdr)."),
         click.option("--overwrite", is_flag=True, help="Redo outputs that are already complete."),
     ]
 

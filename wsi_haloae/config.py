@@ -295,6 +295,7 @@ class TrainConfig:
     stain_normalize: str = "auto"  # auto (macenko for histology tiles, none for an MVTec-AD folder) | none | macenko | reinhard
     stain_augment: float = 0.05  # HED jitter strength (train/stain_augment.py); 0 = off
     max_steps: int | None = None  # testing aid: stop after this many optimizer steps (in total)
+    val_fraction: float = 0.1  # normal tiles (whole slides when possible) kept out to calibrate the model
     max_seconds: float | None = None  # benchmark aid: stop training after this long, then finish the model as usual
     checkpoint_minutes: float = 10.0  # a resume file this often (and at every epoch end); 0: after every step
     refresh_bn: bool = True  # recompute BatchNorm statistics on the training tiles after the last step (train/batchnorm.py)
@@ -310,6 +311,10 @@ def _check_overlap(overlap: float) -> None:
     if not any(abs(overlap - o) < 1e-9 for o in OVERLAPS):
         raise BadInputError(f"--overlap {overlap:g}: use one of {', '.join(f'{o:g}' for o in OVERLAPS)} (1 - 1/k, so "
                             f"that windows fall exactly on every tile)")
+
+
+#: ``--threshold``: how tiles are classified Anomalous (``scoring.rules.RULES``; not imported: config stays leaf).
+THRESHOLD_RULES = ("fdr", "mad")
 
 
 @dataclass(frozen=True)
@@ -332,6 +337,9 @@ class InferOptions:
     max_failed_fraction: float = 0.05  # unreadable tissue tiles tolerated before the slide is refused
     progress: bool = True  # a tqdm bar on stderr
     ngff: str = "0.4"  # OME-NGFF version of the store: 0.4 on Zarr 2 (what QuPath 0.6 reads) or 0.5 on Zarr 3
+    # calibrated calls (issue 10, scoring/): the rule that classifies tiles Anomalous, and its FDR level
+    fdr: float = 0.05  # Benjamini-Hochberg level over a slide's tissue tiles (rule "fdr")
+    threshold: str = "fdr"  # "fdr": calibrated p-values + BH (needs a calibrated model); "mad": per-slide median + 3 MAD
 
     def __post_init__(self) -> None:
         if self.mpp is not None and not self.mpp > 0:
@@ -353,6 +361,10 @@ class InferOptions:
             raise BadInputError(f"--ngff {self.ngff}: expected 0.4 (Zarr 2) or 0.5 (Zarr 3)")
         if not 0 <= self.max_failed_fraction <= 1:
             raise BadInputError(f"max_failed_fraction {self.max_failed_fraction}: must be between 0 and 1")
+        if not 0 < self.fdr < 1:
+            raise BadInputError(f"--fdr {self.fdr:g}: must be between 0 and 1 (exclusive), e.g. 0.05")
+        if self.threshold not in THRESHOLD_RULES:
+            raise BadInputError(f"--threshold {self.threshold}: expected one of {', '.join(THRESHOLD_RULES)}")
 
 
 @dataclass
@@ -368,6 +380,17 @@ class InferConfig:
     options: InferOptions = InferOptions()
     overwrite: bool = False
     slide_id: str | None = None
+
+
+@dataclass
+class CalibrateConfig:
+    model: Path
+    tiles: Path
+    out: Path
+    device: str = "auto"
+    batch_size: int = 32
+    workers: int = 2
+    progress: bool = True
 
 
 @dataclass

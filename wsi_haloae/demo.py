@@ -9,9 +9,13 @@ The demo then does what a user does with a real slide:
    (``wsi-haloae tiles --annotations``);
 2. trains a ``tiny`` HaloAE on them for a short while (``wsi-haloae train``), with the ImageNet VGG19
    weights when they are in the TORCH_HOME cache, else a seeded random backbone (said so, and recorded);
-3. runs ``wsi-haloae infer`` with all four outputs;
-4. checks the result against the ground truth it planted and prints where everything is and how to open it
-   in QuPath.
+3. calibrates it (``wsi-haloae calibrate``) on tiles of a second slide of the same tissue without any
+   anomaly, as a lab calibrates on its own normal slides: the p-values, calls and colour scale of infer rest
+   on it (docs/scores.md). The training tiles are too few for a hold-out (the demo trains on ~34 tiles; a
+   calibration needs >= 20 and, for calls on a slide, hundreds), so training keeps them all;
+4. runs ``wsi-haloae infer`` with all four outputs;
+5. checks the result against the ground truth it planted and prints the slide's verdict, where everything
+   is and how to open it in QuPath.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from .config import InferConfig, InferOptions, TilesConfig, TrainConfig
+from .config import CalibrateConfig, InferConfig, InferOptions, TilesConfig, TrainConfig
 from .slide.synthetic import Disc, SyntheticSlideSpec, anomaly_mask, write_synthetic_slide
 
 MPP = 0.5
@@ -36,6 +40,11 @@ EPOCHS = 5
 SAMPLES_PER_EPOCH = 8
 BATCH_SIZE = 2
 STRIDE = 256
+#: Calibration tiles: every 96 px on the normal slide (~320 overlapping tiles; scoring them is most of the
+#: demo's time on a CPU). With n calibration tiles a call on the demo slide's 64 tissue tiles needs about
+#: 64 / (0.05 (n + 1)) tiles more unusual than all of them (docs/scores.md): 4 at n = 320 (the planted anomaly
+#: covers 6 tiles), 2 at n = 729 (every 64 px, twice the time), 26 at n = 48 (every 256 px).
+CALIBRATION_STRIDE = 96
 
 
 def demo_spec() -> SyntheticSlideSpec:
@@ -44,6 +53,12 @@ def demo_spec() -> SyntheticSlideSpec:
     right = Disc(2260.0, 1024.0, 690.0)
     anomaly = Disc(2330.0, 930.0, 300.0)
     return SyntheticSlideSpec(width=3072, height=2048, mpp=MPP, islands=(left, right), anomalies=(anomaly,), seed=0)
+
+
+def calibration_spec() -> SyntheticSlideSpec:
+    """The demo slide's tissue and islands without the planted anomaly: normal tissue for the calibration."""
+    s = demo_spec()
+    return SyntheticSlideSpec(width=s.width, height=s.height, mpp=s.mpp, islands=s.islands, anomalies=(), seed=1)
 
 
 def _normal_annotation(spec: SyntheticSlideSpec, path: Path) -> Path:
@@ -100,10 +115,10 @@ def _check(spec: SyntheticSlideSpec, out_zarr: Path) -> dict[str, Any]:
     if lab.any() and (~lab).any():
         res.update(mean_anomalous=float(s[lab].mean()), mean_normal=float(s[~lab].mean()), auroc=_auroc(s, lab))
         res["anomaly_scored_higher"] = bool(res["mean_anomalous"] > res["mean_normal"])
-    thr = read_attrs(out_zarr)["threshold"]["value"]
-    if thr is not None:
-        flagged = s > thr
-        res.update(classified_anomalous=int(flagged.sum()), classified_on_anomaly=int((flagged & (frac[ok] > 0)).sum()))
+    attrs = read_attrs(out_zarr)
+    flagged = g["tiles/anomalous"][:][ok]  # the calls of infer (attribute ``calls``): the GeoJSON's Anomalous
+    res.update(classified_anomalous=int(flagged.sum()), classified_on_anomaly=int((flagged & (frac[ok] > 0)).sum()),
+               rule=attrs["calls"]["method"], verdict=attrs["verdict"])
     return res
 
 
@@ -114,12 +129,15 @@ DEMO_STAIN = {"stain_normalize": "none", "stain_augment": 0.0}
 
 
 def run_demo(out: str | Path = "wsi-haloae-demo", device: str = "auto", train_steps: int | None = None,
-             backbone_weights: str | Path | None = None) -> dict[str, Any]:
-    """Build the demo slide, extract normal tiles, train a tiny model, run infer, report. Returns the summary.
+             backbone_weights: str | Path | None = None, calibration_stride: int = CALIBRATION_STRIDE) -> dict[str, Any]:
+    """Build the demo slide, extract normal tiles, train a tiny model, calibrate it, run infer, report.
+    Returns the summary.
 
-    ``train_steps`` caps the optimizer steps (a testing aid; the command uses the full short schedule).
+    ``train_steps`` caps the optimizer steps and ``calibration_stride`` spaces the calibration tiles (testing
+    aids; the command uses the full short schedule and ``CALIBRATION_STRIDE``).
     ``backbone_weights``: a VGG19 state-dict file; default ImageNet from the TORCH_HOME cache, else random.
     """
+    from .calibrate import run_calibrate
     from .infer.engine import run_infer
     from .slide.tiles import run_tiles
     from .train.trainer import run_train
@@ -148,7 +166,17 @@ def run_demo(out: str | Path = "wsi-haloae-demo", device: str = "auto", train_st
     log(f"training a tiny HaloAE for {steps} steps -> {model}")
     run_train(TrainConfig(tiles=tiles_dir, out=model, preset="tiny", epochs=EPOCHS, samples_per_epoch=SAMPLES_PER_EPOCH,
                           batch_size=BATCH_SIZE, backbone_weights=backbone, device=device, workers=0, seed=0,
-                          max_steps=train_steps, **DEMO_STAIN))
+                          max_steps=train_steps, val_fraction=0.0, **DEMO_STAIN))
+
+    cal_slide = out / "normal_slide.tif"
+    cal_tiles = out / "calibration_tiles"
+    log(f"calibrating it on normal tissue it never trained on: a second slide without the anomaly ({cal_slide}), "
+        f"tiles every {calibration_stride} px -> {cal_tiles}")
+    write_synthetic_slide(cal_slide, calibration_spec())
+    run_tiles(TilesConfig(slide=cal_slide, out=cal_tiles, mpp=MPP, tile_size=256, stride=calibration_stride,
+                          min_tissue=0.5), progress=False)
+    calibration = run_calibrate(CalibrateConfig(model=model, tiles=cal_tiles, out=model, device=device, workers=0,
+                                                batch_size=8, progress=False))
 
     cfg = InferConfig(slide=slide, model=model, out=out / "heatmap.zarr",
                       outputs={"tiff": out / "heatmap.ome.tif", "geojson": out / "heatmap_tiles.geojson",
@@ -162,6 +190,7 @@ def run_demo(out: str | Path = "wsi-haloae-demo", device: str = "auto", train_st
         "slide": str(slide),
         "model": str(model),
         "backbone": backbone,
+        "calibration": {"n": calibration.n, "tiles": str(cal_tiles), "display_range": list(calibration.display_range)},
         "infer": summary.to_dict(),
         "check": check,
         "seconds": round(time.perf_counter() - t0, 1),
@@ -172,6 +201,8 @@ def run_demo(out: str | Path = "wsi-haloae-demo", device: str = "auto", train_st
 
 
 def _print_report(result: dict[str, Any], outputs: dict[str, str], backbone_note: str) -> None:
+    from .infer.calls import verdict_line
+
     c = result["check"]
     if "anomaly_scored_higher" in c:
         verdict = (f"the planted anomaly {'scored HIGHER' if c['anomaly_scored_higher'] else 'did NOT score higher'} "
@@ -185,8 +216,8 @@ def _print_report(result: dict[str, Any], outputs: dict[str, str], backbone_note
     else:
         verdict = "no comparison possible (no scored tile on one side)"
     if "classified_anomalous" in c:
-        verdict += (f". {c['classified_anomalous']} tile(s) are classified 'Anomalous' in the GeoJSON, "
-                    f"{c['classified_on_anomaly']} of them touching the planted anomaly")
+        verdict += (f". {c['classified_anomalous']} tile(s) are classified 'Anomalous' in the GeoJSON "
+                    f"({c['rule']}), {c['classified_on_anomaly']} of them touching the planted anomaly")
     lines = [
         "",
         f"wsi-haloae demo finished in {result['seconds']:.0f} s. Everything is in {result['out']}/:",
@@ -198,11 +229,12 @@ def _print_report(result: dict[str, Any], outputs: dict[str, str], backbone_note
         f"  preview        {outputs['preview']}",
         "",
         f"Result: {verdict}.",
+        f"Slide {verdict_line(c['verdict'])}.",
         "",
         "Open it in QuPath (docs/qupath.md):",
         f"  1. drag {result['slide']} onto QuPath;",
-        f"  2. drag {outputs['geojson']} onto the slide (tiles with an 'anomaly_score' measurement;",
-        "     the highest are classified 'Anomalous');",
+        f"  2. drag {outputs['geojson']} onto the slide (tiles with 'anomaly_score' and 'anomaly_pvalue'",
+        "     measurements; the tiles called at FDR 0.05 are classified 'Anomalous');",
         "  3. Measure > Show measurement maps > anomaly_score colours the slide;",
         f"  4. {outputs['tiff_rgb']} (or the .zarr folder, QuPath 0.6+) opens as an image of the heatmap.",
         "",

@@ -27,10 +27,13 @@ from .errors import BadInputError, BadTilesError, OutputError
 from .fileio import write_text_atomic
 from .images import IMAGE_SUFFIXES, read_image, resize_rgb, warn_rescaled
 from .metrics import PixelScores, image_auroc
+from .scoring import Calibration
 
 log = logging.getLogger(__name__)
 
 REPORT_PANEL = 320  # px per panel in the report PNGs
+#: Level of the per-image calibrated calls (an image is called when its conformal p-value is <= ALPHA).
+ALPHA = 0.05
 
 
 @dataclass
@@ -116,6 +119,7 @@ def run_evaluate(
     dev = resolve_device(device)
     items = find_test_set(Path(data))
     loaded = load_model(model, dev)
+    calibration = Calibration.from_metadata(loaded.metadata, f"model file {model}")
     net = loaded.model.eval()
     pixels = PixelScores()
     labels: list[int] = []
@@ -152,9 +156,13 @@ def run_evaluate(
         "aupro": pixels.aupro(0.3),
         "n_images": len(items),
         "n_anomalous": int(sum(labels)),
+        **calibrated_calls(calibration, labels, means, ALPHA, [it.defect for it in items]),
     }
+    if calibration is None:
+        log.warning("%s has no calibration: the false- and true-positive rates of calibrated calls are n/a "
+                    "(train with --val-fraction > 0, or run `wsi-haloae calibrate`)", model)
     if report is not None:
-        _write_report(Path(report), items, maps64, shapes, means, maxes, result, model)
+        _write_report(Path(report), items, maps64, shapes, means, maxes, result, model, calibration)
     if as_json:
         sys.stdout.write(json.dumps(result) + "\n")
         sys.stdout.flush()
@@ -163,8 +171,34 @@ def run_evaluate(
     return result
 
 
+def calibrated_calls(calibration: Calibration | None, labels: list[int], scores: list[float], alpha: float,
+                     defects: list[str] | None = None) -> dict[str, Any]:
+    """Per-image calls "conformal p-value <= alpha" from the model's calibration: the false-positive rate on the
+    normal images and the true-positive rate on the defective ones, also per defect type when ``defects`` names
+    each image's (None where undefined or uncalibrated)."""
+    lab = np.asarray(labels, dtype=bool)
+    out: dict[str, Any] = {"alpha": alpha, "calibration_n": None, "fpr_at_alpha": None, "tpr_at_alpha": None,
+                           "called_good": None, "called_defect": None, "tpr_at_alpha_per_defect": None}
+    if calibration is None:
+        return out
+    called = calibration.pvalues(np.asarray(scores, dtype=np.float64)) <= alpha
+    out.update(calibration_n=calibration.n, called_good=int(called[~lab].sum()), called_defect=int(called[lab].sum()))
+    if (~lab).any():
+        out["fpr_at_alpha"] = float(called[~lab].mean())
+    if lab.any():
+        out["tpr_at_alpha"] = float(called[lab].mean())
+    if defects is not None:
+        d = np.asarray(defects)
+        out["tpr_at_alpha_per_defect"] = {str(k): float(called[lab & (d == k)].mean()) for k in sorted(set(d[lab].tolist()))}
+    return out
+
+
 def _fmt(v: float | None) -> str:
     return "n/a" if v is None else f"{100 * v:.1f}"
+
+
+def _count(k: int | None, n: int) -> str:
+    return "" if k is None else f"  ({k} of {n} images called)"
 
 
 def _table(result: dict[str, Any], items: list[TestImage], labels: list[int], means: list[float], model: Path, data: Path, sha: str) -> str:
@@ -178,6 +212,13 @@ def _table(result: dict[str, Any], items: list[TestImage], labels: list[int], me
         f"{'image AUROC (score = max of map)':34s} {_fmt(result['image_auroc_max']):>6s}",
         f"{'pixel AUROC':34s} {_fmt(result['pixel_auroc']):>6s}",
         f"{'AUPRO (FPR <= 0.3)':34s} {_fmt(result['aupro']):>6s}",
+        "",
+        f"calibrated per-image calls (conformal p-value <= {result['alpha']:g}):",
+        f"{'  false-positive rate on good':34s} {_fmt(result['fpr_at_alpha']):>6s}" + _count(result["called_good"], len(labels) - sum(labels)),
+        f"{'  true-positive rate on defects':34s} {_fmt(result['tpr_at_alpha']):>6s}" + _count(result["called_defect"], sum(labels)),
+        ("  (n/a: the model has no calibration; train with --val-fraction > 0 or run `wsi-haloae calibrate`)"
+         if result["calibration_n"] is None else
+         f"  (calibration: {result['calibration_n']} normal tiles; smallest p-value 1/{result['calibration_n'] + 1})"),
     ]
     defects = sorted({it.defect for it in items if it.anomalous})
     if len(defects) > 1:
@@ -187,7 +228,9 @@ def _table(result: dict[str, Any], items: list[TestImage], labels: list[int], me
             sel = [i for i, it in enumerate(items) if it.defect in (d, "good")]
             auc = image_auroc([labels[i] for i in sel], [means[i] for i in sel])
             n = sum(1 for it in items if it.defect == d)
-            lines.append(f"  {d:30s} {_fmt(auc):>6s}  ({n} images)")
+            tpr = (result.get("tpr_at_alpha_per_defect") or {}).get(d)
+            called = "" if tpr is None else f", {_fmt(tpr)} % called at p <= {result['alpha']:g}"
+            lines.append(f"  {d:30s} {_fmt(auc):>6s}  ({n} images{called})")
     return "\n".join(lines)
 
 
@@ -205,6 +248,7 @@ def _write_report(
     maxes: list[float],
     result: dict[str, Any],
     model: Path,
+    calibration: Calibration | None = None,
 ) -> None:
     """One PNG per image (input | heatmap over input | ground truth) and an index.html, sorted by score."""
     from matplotlib import colormaps
@@ -214,14 +258,18 @@ def _write_report(
     except OSError as exc:
         raise OutputError(f"{out}: cannot create the report folder ({exc.strerror or exc})") from None
     cmap = colormaps["jet"]
-    vmax = max(maxes) or 1.0  # one colour scale for all images, so that they can be compared
+    # one colour scale for all images, so that they can be compared: the calibration's (normal-pixel median to
+    # 99.9th percentile, the same scale as infer's maps) when the model has one, else 0 to the largest score
+    vmin, vmax = calibration.display_range if calibration is not None else (0.0, max(maxes) or 1.0)
+    scale = (f"calibrated display range {vmin:.4g} … {vmax:.4g}: normal-pixel median to 99.9th percentile"
+             if calibration is not None else f"0 … {vmax:.4g}, the largest score")
     size = REPORT_PANEL
     gap = np.full((size, 6, 3), 255, np.uint8)
     rows = []
     for it, m, shape, s_mean, s_max in tqdm(list(zip(items, maps64, shapes, means, maxes, strict=True)), desc="report", unit="img", leave=False):
         img = _panel(_read_image(it), size)
         heat = _upsample(m, (size, size))
-        colour = (cmap(np.clip(heat / vmax, 0, 1))[..., :3] * 255).astype(np.float32)
+        colour = (cmap(np.clip((heat - vmin) / max(vmax - vmin, 1e-12), 0, 1))[..., :3] * 255).astype(np.float32)
         overlay = (0.5 * img + 0.5 * colour).astype(np.uint8)
         gt = _read_mask(it, shape).astype(np.uint8) * 255
         gt = np.repeat(_panel(gt, size)[..., None], 3, axis=2)
@@ -242,7 +290,7 @@ def _write_report(
 <h1>wsi-haloae evaluation</h1>
 <p>model: {html.escape(str(model))}</p>
 <ul>{figures}</ul>
-<p>Each row: input | anomaly heatmap over the input (jet, 0 … {vmax:.4g}, one scale for all images) | ground truth.
+<p>Each row: input | anomaly heatmap over the input (jet, {html.escape(scale)}, one scale for all images) | ground truth.
 Sorted by image score (mean of the post-processed map), highest first.</p>
 <table><tr><th>defect</th><th>image</th><th>score (mean)</th><th>max</th><th>input | heatmap | ground truth</th></tr>
 {body}

@@ -22,7 +22,7 @@ from ..errors import BadInputError, BadModelFileError, OutputError
 from .clusters import SLIDE_RESOURCE, job_script, jobqueue_kwargs, local_shape, open_cluster
 from .report import write_reports
 from .slides import SlideEntry, collect_slides
-from .worker import RECORD_DIR, SlideTask, process_slide, record_path, slide_row
+from .worker import RECORD_DIR, SlideTask, process_slide, record_path, slide_row, verdict_row
 
 #: The status of a slide without tissue (``infer.engine.NO_TISSUE``; not imported from there: it loads torch).
 NO_TISSUE = "no tissue"
@@ -47,7 +47,8 @@ def _colour_warning(row: dict[str, Any]) -> str:
 def _blank_row(e: SlideEntry, status: str, error: str = "") -> dict[str, Any]:
     return {"id": e.id, "path": str(e.path), "status": status, "error": error, "tiles": None,
             "tissue_fraction": None, "score_mean": None, "score_p95": None, "score_max": None,
-            "anomalous_tiles": None, "seconds": None, "host": None, "worker": None, "model_loads": None}
+            "anomalous_tiles": None, "seconds": None, "host": None, "worker": None, "model_loads": None,
+            **verdict_row({})}
 
 
 def _extras(cfg: CohortConfig) -> tuple[str, ...]:
@@ -143,13 +144,17 @@ def _guard(cfg: CohortConfig, entries: list[SlideEntry], out: Path, model: Path)
     guard_outputs(outputs, inputs)
 
 
-def _model_sha256(model: Path) -> str:
-    """Load the model once here (CPU) so that a wrong model file fails the command, not every slide."""
+def _model_sha256(model: Path) -> tuple[str, dict[str, Any]]:
+    """Load the model once here (CPU) so that a wrong model file fails the command, not every slide; its
+    sha256 and its calibration's summary (None when it has none) for the cohort's report."""
     from ..model.checkpoint import load_model
+    from ..scoring import Calibration
 
     if not model.is_file():
         raise BadModelFileError(f"{model}: no such model file")
-    return load_model(model, device="cpu").sha256
+    loaded = load_model(model, device="cpu")
+    cal = Calibration.from_metadata(loaded.metadata, f"model file {model}")
+    return loaded.sha256, {"calibration": None if cal is None else cal.summary()}
 
 
 def _print_plan(cfg: CohortConfig, entries: list[SlideEntry], rows: dict[str, dict], todo: list[SlideEntry],
@@ -307,7 +312,7 @@ def run_cohort(cfg: CohortConfig) -> int:
         raise OutputError(f"{out}: exists and is not a folder")
     model = Path(cfg.model).expanduser().resolve()
     _guard(cfg, entries, out, model)
-    sha = _model_sha256(model)
+    sha, calibration = _model_sha256(model)
     rows, todo, redo = _plan(entries, out, cfg, sha)
     if cfg.dry_run:
         _print_plan(cfg, entries, rows, todo, out)
@@ -320,7 +325,8 @@ def run_cohort(cfg: CohortConfig) -> int:
     t0 = time.time()
     meta: dict[str, Any] = {"slides": cfg.slides, "model": str(model), "model_sha256": sha, "out": str(out),
                             "cluster": "external" if cfg.scheduler_address else cfg.cluster,
-                            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(t0))}
+                            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(t0)),
+                            "threshold": cfg.options.threshold, "fdr": cfg.options.fdr, **calibration}
 
     def write() -> None:
         ordered = [rows[e.id] if e.id in rows else _blank_row(e, "pending") for e in entries]

@@ -14,11 +14,14 @@ from pathlib import Path
 from typing import Any
 
 from ..fileio import write_text_atomic
+from ..scoring.verdict import SUMMARY_KEYS as VERDICT_COLUMNS
 
 #: Each slide's colour QC (infer/colour.py): ok|unusual, the stain distance in degrees, why unusual.
 COLOUR_COLUMNS = ["colour_qc", "stain_distance", "colour_reason"]
 COLUMNS = ["id", "path", "status", "error", "tiles", "tissue_fraction", "score_mean", "score_p95", "score_max",
            "anomalous_tiles", *COLOUR_COLUMNS, "seconds", "host", "worker"]
+#: the calibrated verdict's columns (issue 10), after the status and error: verdict, area, Simes p-value ...
+COLUMNS[4:4] = [c for c in VERDICT_COLUMNS if c not in COLUMNS]
 
 
 def _fmt(v: Any) -> str:
@@ -54,6 +57,7 @@ body{font:14px system-ui,sans-serif;margin:1.5em;color:#222}table{border-collaps
 th,td{border-bottom:1px solid #ddd;padding:4px 8px;text-align:left;vertical-align:middle}
 th[data-sort]{cursor:pointer;user-select:none;background:#f4f4f4}th.asc:after{content:' \\25B2'}th.desc:after{content:' \\25BC'}
 td.num{text-align:right;font-variant-numeric:tabular-nums}img{max-width:220px;max-height:160px;display:block}
+td.verdict.anomalous{color:#b00020;font-weight:600}td.verdict.normal{color:#1b5e20}
 tr.failed{background:#fde8e8}tr.no-tissue{background:#fff6dd}tr.skipped td.status{color:#666}.err{max-width:30em;font-size:12px;color:#a00}
 td.colour-unusual{background:#ffe0b3;color:#8a3b00;font-weight:bold;max-width:22em;font-size:12px}
 p.colour-unusual{background:#ffe0b3;color:#8a3b00;padding:4px 8px;display:inline-block}
@@ -83,29 +87,87 @@ def _colour_note(rows: list[dict[str, Any]]) -> str:
             "may not be comparable (column colour).</p>\n")
 
 
-def to_html(rows: list[dict[str, Any]], out_dir: Path, title: str) -> str:
+#: Page order of the verdicts: the slides a pathologist should look at first come first.
+VERDICT_RANK = {"anomalous": 0, "normal": 1, "no tissue": 2}
+
+
+def page_order(r: dict[str, Any]) -> tuple:
+    """Anomalous slides first, by their combined (Simes) p-value, smallest first, then by anomalous area,
+    largest first; then normal slides the same way; then no tissue; slides without a verdict (failed,
+    pending) last. Within equal figures (an uncalibrated model has no p-value) the highest raw score first."""
+    rank = VERDICT_RANK.get(r.get("verdict"), len(VERDICT_RANK))
+    p = r.get("simes_pvalue")
+    area = r.get("anomalous_area_mm2")
+    return (rank, p is None, p or 0.0, -(area or 0.0), r.get("score_max") is None, -(r.get("score_max") or 0.0), r["id"])
+
+
+def _pvalue_text(p: float) -> str:
+    return f"{p:.1e}" if p < 1e-3 else f"{p:.3f}"
+
+
+def _cell(r: dict[str, Any], c: str) -> tuple[str, str, str]:
+    """(text shown, sort value, css class) of one cell: the verdict, areas and p-values in words and units,
+    every other figure as it is stored."""
+    v = r.get(c)
+    if c == "verdict":
+        return (v or ""), str(VERDICT_RANK.get(v, len(VERDICT_RANK))), "verdict " + (v or "").replace(" ", "-")
+    if c in ("anomalous_area_mm2", "largest_region_mm2"):
+        return ("" if v is None else f"{v:.3g} mm²"), _fmt(v), "num"
+    if c == "simes_pvalue":
+        return ("" if v is None else _pvalue_text(v)), _fmt(v), "num"
+    if c == "anomalous_fraction":
+        return ("" if v is None else f"{100 * v:.1f} %"), _fmt(v), "num"
+    return _fmt(v), _fmt(v), ""
+
+
+def _scale_line(meta: dict[str, Any] | None) -> str:
+    """What the previews' colours mean: one scale fixed by the model's calibration, or per slide without one."""
+    meta = meta or {}
+    cal = meta.get("calibration")
+    if cal:
+        lo, hi = cal["display_range"]
+        calls = ("the per-slide median + 3 MAD rule (--threshold mad)" if meta.get("threshold") == "mad" else
+                 f"Benjamini-Hochberg at FDR {meta.get('fdr', 0.05):g} on p-values against that calibration")
+        return (f"Colours: one scale for every slide ({lo:.3g} to {hi:.3g}, fixed by the model's calibration on "
+                f"{cal['n']:,} normal tiles), so the same colour is the same score on every slide. Anomalous tiles: "
+                f"{calls}.")
+    if "calibration" in meta:
+        return ("The model has no calibration: each preview has its own colour scale and Anomalous tiles are the "
+                "per-slide median + 3 MAD rule (not comparable across slides; see wsi-haloae calibrate).")
+    return ""
+
+
+def to_html(rows: list[dict[str, Any]], out_dir: Path, title: str, meta: dict[str, Any] | None = None) -> str:
     """The cohort page; previews are linked relative to the page (DIR/<id>.png)."""
     counts: dict[str, int] = {}
     for r in rows:
         counts[r["status"]] = counts.get(r["status"], 0) + 1
     summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
-    cols = [("preview", False), ("id", False), ("status", False), ("score_max", True), ("score_p95", True),
-            ("score_mean", True), ("anomalous_tiles", True), ("tiles", True), ("tissue_fraction", True), ("seconds", True), ("host", False),
-            ("error", False)]
-    cols.insert(cols.index(("score_max", True)), ("colour", False))
-    def th(c: str, num: bool) -> str:
+    verdicts: dict[str, int] = {}
+    for r in rows:
+        if r.get("verdict"):
+            verdicts[r["verdict"]] = verdicts.get(r["verdict"], 0) + 1
+    if verdicts:
+        summary += "; verdicts: " + ", ".join(f"{n} {v}" for v, n in sorted(verdicts.items(), key=lambda x: VERDICT_RANK.get(x[0], 9)))
+    cols = [("preview", False, "preview"), ("id", False, "id"), ("status", False, "status"),
+            ("verdict", True, "verdict"), ("anomalous_area_mm2", True, "anomalous area"),
+            ("largest_region_mm2", True, "largest region"), ("simes_pvalue", True, "slide p-value (Simes)"),
+            ("anomalous_tiles", True, "anomalous tiles"), ("anomalous_fraction", True, "anomalous share"),
+            ("tiles", True, "tissue tiles"), ("colour", False, "colour"), ("score_max", True, "score max (raw)"), ("score_p95", True, "score p95 (raw)"),
+            ("score_mean", True, "score mean (raw)"), ("tissue_fraction", True, "tissue fraction"), ("seconds", True, "seconds"),
+            ("host", False, "host"), ("error", False, "error")]
+
+    def th(c: str, num: bool, label: str) -> str:
         if c == "preview":
             return "<th>preview</th>"
-        first = ' class="desc" data-dir="desc"' if c == "score_max" else ""  # the initial order, shown
-        return f'<th data-sort data-num="{int(num)}"{first}>{html.escape(c.replace("_", " "))}</th>'
+        first = ' class="asc" data-dir="asc"' if c == "verdict" else ""  # the initial order, shown
+        return f'<th data-sort data-num="{int(num)}"{first}>{html.escape(label)}</th>'
 
-    head = "".join(th(c, num) for c, num in cols)
+    head = "".join(th(*c) for c in cols)
     body = []
-    # highest maximum tile score first: the slides most worth a look come first
-    order = sorted(rows, key=lambda r: (r.get("score_max") is None, -(r.get("score_max") or 0.0), r["id"]))
-    for r in order:
+    for r in sorted(rows, key=page_order):
         cells = []
-        for c, num in cols:
+        for c, num, _ in cols:
             if c == "preview":
                 png = out_dir / f"{r['id']}.png"
                 if png.is_file():
@@ -117,17 +179,19 @@ def to_html(rows: list[dict[str, Any]], out_dir: Path, title: str) -> str:
             if c == "colour":
                 cells.append(_colour_cell(r))
                 continue
-            v = r.get(c)
-            text = html.escape(_fmt(v))
-            cls = ' class="num"' if num else (' class="err"' if c == "error" else f' class="{c}"')
-            cells.append(f'<td{cls} data-v="{text}">{text}</td>')
+            text, key, css = _cell(r, c)
+            css = css or ("num" if num else ("err" if c == "error" else c))
+            cells.append(f'<td class="{html.escape(css, quote=True)}" data-v="{html.escape(key)}">{html.escape(text)}</td>')
         body.append(f'<tr class="{html.escape(r["status"].replace(" ", "-"))}">{"".join(cells)}</tr>')
+    scale = _scale_line(meta)
     return (
         "<!doctype html>\n<html><head><meta charset=\"utf-8\">"
         f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>\n"
         f"<h1>{html.escape(title)}</h1><p>{len(rows)} slides: {html.escape(summary)}. "
-        "Click a column to sort; click a preview for the full image. Tables: "
+        "Sorted by verdict (anomalous first), then slide p-value and anomalous area; click a column to sort; "
+        "click a preview for the full image. Tables: "
         '<a href="cohort.csv">cohort.csv</a>, <a href="cohort.json">cohort.json</a>.</p>\n'
+        + (f"<p class=\"scale\">{html.escape(scale)}</p>\n" if scale else "")
         + _colour_note(rows)
         + f"<table><thead><tr>{head}</tr></thead><tbody>\n" + "\n".join(body) + "\n</tbody></table>\n"
         f"<script>{_JS}</script></body></html>\n"
@@ -138,4 +202,4 @@ def write_reports(out_dir: Path, rows: list[dict[str, Any]], meta: dict[str, Any
     """cohort.csv, cohort.json (rows + run metadata) and index.html, each replaced atomically."""
     write_text_atomic(out_dir / "cohort.csv", to_csv(rows))
     write_text_atomic(out_dir / "cohort.json", json.dumps({"cohort": meta, "slides": rows}, indent=1, default=str))
-    write_text_atomic(out_dir / "index.html", to_html(rows, out_dir, f"wsi-haloae cohort: {out_dir.name}"))
+    write_text_atomic(out_dir / "index.html", to_html(rows, out_dir, f"wsi-haloae cohort: {out_dir.name}", meta))

@@ -137,7 +137,14 @@ def slide_row(attrs: dict[str, Any]) -> dict[str, Any]:
     row = {k: summary.get(k) for k in ("tiles", "tissue_fraction", "score_mean", "score_p95", "score_max",
                                        "anomalous_tiles")}
     row.update({k: summary.get(k) for k in COLOUR_KEYS})
-    return row
+    return row | verdict_row(summary)
+
+
+def verdict_row(summary: dict[str, Any]) -> dict[str, Any]:
+    """The calibrated verdict's columns of a slide (``scoring.SUMMARY_KEYS``; None for a store without them)."""
+    from ..scoring.verdict import SUMMARY_KEYS
+
+    return {k: summary.get(k) for k in SUMMARY_KEYS}
 
 
 def _write_record(path: Path, row: dict[str, Any]) -> None:
@@ -152,6 +159,7 @@ def process_slide(task: SlideTask) -> dict[str, Any]:
         "id": task.id, "path": task.slide, "status": "failed", "error": "",
         "tiles": None, "tissue_fraction": None, "score_mean": None, "score_p95": None, "score_max": None,
         "anomalous_tiles": None, "seconds": None, "host": socket.gethostname(), "worker": _worker_name(), "model_loads": None,
+        **verdict_row({}),
     }
     try:
         import torch

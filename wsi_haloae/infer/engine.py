@@ -41,6 +41,7 @@ from ..slide.ids import slide_id
 from . import batch, outputs, writers
 from .assembler import MapAssembler, blend_window, tile_scores_from_windows
 from .colour import check_slide_colours, colour_attrs, colour_clause, colour_summary, warn_if_unusual
+from .calls import SlideCalls, call_slide, verdict_line
 from .geojson import robust_threshold
 from .outputs import STORE
 from .tissue_map import MapTissue
@@ -80,6 +81,7 @@ class InferResult:
     min_tissue: float | None = None
     tissue_scored: float | None = None  # share of the tissue-mask pixels the map scores
     colour_qc: dict[str, Any] | None = None  # the store's ``colour_qc`` attribute (infer/colour.py); None before it existed
+    verdict: dict[str, Any] = field(default_factory=dict)  # the store's ``verdict`` attribute (scoring.SlideVerdict)
 
     @classmethod
     def from_attrs(cls, attrs: dict[str, Any], slide: Path, status: str, seconds: float,
@@ -93,7 +95,7 @@ class InferResult:
                    outcome=attrs.get("status", "done"), windows=(attrs.get("windows") or {}).get("n", 0),
                    overlap=attrs.get("overlap", 0.0), min_tissue=attrs.get("min_tissue"),
                    tissue_scored=(attrs.get("map") or {}).get("scored_fraction"),
-                   colour_qc=attrs.get("colour_qc"), **kw)
+                   verdict=dict(attrs.get("verdict") or {}), colour_qc=attrs.get("colour_qc"), **kw)
 
     @property
     def tiles_per_s(self) -> float:
@@ -119,14 +121,17 @@ class InferResult:
         if self.status == "skipped":
             made = f" (wrote the missing {', '.join(self.written)})" if self.written else ""
             what = " (no tissue)" if self.outcome == NO_TISSUE else ""
-            return f"{self.slide}: already complete{what}, left alone: {outs} (use --overwrite to redo){made}{colour}"
+            verdict = verdict_line(self.verdict)
+            return (f"{self.slide}: already complete{what}, left alone{'; ' + verdict if verdict else ''}: {outs} "
+                    f"(use --overwrite to redo){made}{colour}")
         if self.status == NO_TISSUE:
             return f"{self.slide}: no tissue ({no_tissue_reason(self.tiles_grid, self.min_tissue)}) -> {outs}{colour}"
         windows = f", {self.windows} windows at overlap {self.overlap:g}" if self.overlap else ""
         scored = f", {self.tissue_scored:.1%} of the tissue scored" if self.tissue_scored is not None else ""
+        verdict = verdict_line(self.verdict)
         return (f"{self.slide}: {self.tiles_tissue} tiles ({self.tiles_failed} unreadable{windows}{scored}) in "
                 f"{self.seconds:.1f} s, {self.tiles_per_s:.1f} tiles/s end to end, {self.model_tiles_per_s:.1f} "
-                f"tiles/s in the model [{self.device}] -> {outs}{colour}")
+                f"tiles/s in the model [{self.device}]{'; ' + verdict if verdict else ''} -> {outs}{colour}")
 
 
 #: ``InferResult.status`` / the store's ``status`` of a slide without a tile of tissue.
@@ -262,6 +267,20 @@ def _check_same_run(cfg: InferConfig, out: Path, attrs: dict[str, Any], loaded) 
     if sha and sha != have:
         raise OutputError(f"{out}: complete, but made by another model (sha256 {sha[:12]}...); use --overwrite to "
                           "replace it, or choose another --out")
+    _warn_other_calls(cfg, out, attrs)
+
+
+def _warn_other_calls(cfg: InferConfig, out: Path, attrs: dict[str, Any]) -> None:
+    """A complete store keeps the calls it was made with: say so when this run asked for other ones."""
+    calls, opts = attrs.get("calls") or {}, cfg.options
+    if not calls:
+        return
+    asked = (opts.threshold, opts.fdr if opts.threshold == "fdr" else None)
+    made = (calls.get("requested"), calls.get("fdr") if calls.get("requested") == "fdr" else None)
+    if asked != made:
+        log.warning("%s: complete, with calls made at --threshold %s%s; its calls are kept (use --overwrite to "
+                    "redo them at --threshold %s%s)", out, made[0], f" --fdr {made[1]:g}" if made[1] else "",
+                    asked[0], f" --fdr {asked[1]:g}" if asked[1] else "")
 
 
 def _write_extras(ctx: outputs.StoreContext, extras: dict[str, Path], temps: dict[str, Path]) -> None:
@@ -315,15 +334,17 @@ def _run(cfg: InferConfig, paths: dict[str, Path], loaded, t_start: float) -> In
         score_mean, score_max = tile_scores_from_windows(win.tile_window, w_mean, w_max)
         ok_all = w_ok[win.tile_window]
         failed = int(n - ok_all.sum())
+        sc = call_slide(score_mean, grid, res.slide_mpp, loaded.metadata, loaded.sha256,
+                        f"model {loaded.path or cfg.model}", opts)
         with _writing(out, STORE.what):
             assembler.finish()
             _write_tables(group, grid, plan.px[win.tile_window], plan.py[win.tile_window], score_mean, score_max,
                           ok_all)
+            _write_calls(group["tiles"], sc)
             n_levels = writers.build_pyramid(group, written=assembler.written)
             writers.write_multiscales(group, n_levels, geom.um)
         thr = robust_threshold(score_mean)
-        finite_max = score_max[np.isfinite(score_max)]
-        vmax = float(np.quantile(finite_max, 0.99)) if finite_max.size else 1.0
+        display_range, display_source = sc.display_range(score_max)
         attrs: dict[str, Any] = {
             "format": "wsi-haloae-heatmap",
             "format_version": 1,
@@ -366,8 +387,10 @@ def _run(cfg: InferConfig, paths: dict[str, Path], loaded, t_start: float) -> In
                       "failed": failed, "scored": n - failed},
             **_window_attrs(grid, win, w_failed),
             "threshold": thr,
-            "display_range": [0.0, vmax],
-            "summary": slide_summary(score_mean, grid.mask, thr["value"], n),
+            **sc.attrs(),  # calls, calibration, verdict
+            "display_range": display_range,
+            "display_range_source": display_source,
+            "summary": {**slide_summary(score_mean, grid.mask, n), **sc.summary()},
             "geojson": {"offset": [reader.bounds[0], reader.bounds[1]], "class": "Anomalous"},
             "device": str(device),
             "batch_size": batch_size,
@@ -463,12 +486,12 @@ def _window_attrs(grid, win, failed: int) -> dict[str, Any]:
             "cover_edges": grid.cover_edges, "background": list(grid.background)}
 
 
-def slide_summary(score_mean: np.ndarray, mask: np.ndarray, threshold: float | None, tiles: int) -> dict[str, Any]:
+def slide_summary(score_mean: np.ndarray, mask: np.ndarray, tiles: int) -> dict[str, Any]:
     """The slide's figures a cohort shows, stored in the store's attributes (``summary``).
 
-    ``score_*``: over the scored tiles' mean anomaly (the per-tile value infer thresholds and exports);
-    ``tissue_fraction``: the tissue mask's share of the slide; ``anomalous_tiles``: tiles above the slide's
-    threshold.
+    ``score_*``: over the scored tiles' mean anomaly (the raw per-tile value infer exports);
+    ``tissue_fraction``: the tissue mask's share of the slide. The calls and verdict are added beside these
+    (``calls.SlideCalls.summary``: ``anomalous_tiles``, ``verdict`` ...).
     """
     s = np.asarray(score_mean, dtype=np.float64)
     s = s[np.isfinite(s)]
@@ -479,7 +502,6 @@ def slide_summary(score_mean: np.ndarray, mask: np.ndarray, threshold: float | N
         "score_mean": float(s.mean()) if has else None,
         "score_p95": float(np.quantile(s, 0.95)) if has else None,
         "score_max": float(s.max()) if has else None,
-        "anomalous_tiles": int((s > threshold).sum()) if has and threshold is not None else None,
     }
 
 
@@ -612,7 +634,9 @@ def _write_tables(group, grid, px, py, score_mean, score_max, ok) -> None:
     writers.write_table(t, "ok", ok.astype(bool))
     t.attrs["description"] = ("one row per tissue tile, in grid order: xy = level-0 top-left (bounds offset "
                               "included), rc = grid row/column, map_xy = top-left in level-0 map pixels, ok = read "
-                              "and scored (False = unreadable, scores NaN)")
+                              "and scored (False = unreadable, scores NaN); pvalue = conformal p-value against the "
+                              "model's calibration (calibrated models only), anomalous = the call of attribute "
+                              "'calls'")
     g = group.create_group("grid")
     for name, vals in (("score_mean", score_mean), ("score_max", score_max)):
         a = np.full((grid.n_rows, grid.n_cols), np.nan, np.float32)
@@ -623,3 +647,11 @@ def _write_tables(group, grid, px, py, score_mean, score_max, ok) -> None:
     m = writers.create_array(group, "mask", data=grid.mask.astype(np.uint8), chunks=(1024, 1024), fill_value=0)
     m.attrs["downsample"] = float(grid.mask_downsample)
     m.attrs["description"] = "tissue mask (1 = tissue); mask pixel (0, 0) = level-0 (0, 0); downsample = level-0 px per mask px"
+
+
+def _write_calls(t, sc: SlideCalls) -> None:
+    """The calls beside the scores, one row per tissue tile in grid order: ``pvalue`` (calibrated models only)
+    and ``anomalous`` (the rule in force), so every output shows the same tiles as Anomalous."""
+    if sc.pvalues is not None:
+        writers.write_table(t, "pvalue", sc.pvalues)
+    writers.write_table(t, "anomalous", sc.anomalous.astype(bool))

@@ -21,30 +21,11 @@ from typing import Any
 import numpy as np
 
 from ..fileio import atomic_output
-
+from ..scoring.rules import MAD_K, robust_threshold  # noqa: F401  (the per-slide rule's home is scoring/)
 
 CLASS_NAME = "Anomalous"
 CLASS_COLOR = (220, 20, 60)
-#: Robust threshold: median + K * 1.4826 * MAD of the slide's scored tile means (see docs/output-format.md).
-MAD_K = 3.0
 _NS = uuid.UUID("6b1d3c1e-4f0c-4a7e-9b52-2f1a9f0c7d11")
-
-
-def robust_threshold(scores: np.ndarray, k: float = MAD_K) -> dict[str, Any]:
-    """median + k·1.4826·MAD of the finite tile scores: ~k standard deviations above typical tissue.
-
-    Robust to the anomalies themselves (they move the median and MAD little), needs no labels and no
-    training-set statistics, and adapts to each slide's staining. With no scored tile it is NaN.
-    """
-    s = np.asarray(scores, dtype=np.float64)
-    s = s[np.isfinite(s)]
-    if s.size == 0:
-        return {"method": f"median + {k:g} * 1.4826 * MAD of tile anomaly_score", "value": None,
-                "median": None, "mad": None, "k": k}
-    med = float(np.median(s))
-    mad = float(np.median(np.abs(s - med)))
-    return {"method": f"median + {k:g} * 1.4826 * MAD of tile anomaly_score", "value": med + k * 1.4826 * mad,
-            "median": med, "mad": mad, "k": k}
 
 
 def _num(v: float) -> float | int:
@@ -56,12 +37,16 @@ def write_geojson(path: str | Path, xs: np.ndarray, ys: np.ndarray, tile_w: floa
                   tile_h: float | np.ndarray,
                   score_mean: np.ndarray, score_max: np.ndarray, *, threshold: float | None,
                   offset: tuple[float, float] = (0.0, 0.0), rows: np.ndarray | None = None,
-                  cols: np.ndarray | None = None, seed: str = "") -> int:
+                  cols: np.ndarray | None = None, seed: str = "", pvalues: np.ndarray | None = None,
+                  anomalous: np.ndarray | None = None, collection: dict[str, Any] | None = None) -> int:
     """Write a FeatureCollection of the tiles with finite scores. ``.gz`` -> gzip. Returns the feature count.
 
     ``xs, ys``: level-0 top-left of each tile; ``tile_w, tile_h``: its size, one for all or one per tile
     (edge tiles clipped to the slide); ``offset``: subtracted (the OpenSlide bounds origin).
     Feature ids are UUIDs derived from ``seed`` and the tile's row/column, so reruns give the same ids.
+    ``anomalous`` (per tile) classifies tiles, else ``threshold`` on the mean score; ``pvalues`` adds the
+    measurement ``anomaly_pvalue``; ``collection`` adds the collection's own members (``description`` and
+    ``properties``: the rule, its level and the calibration), which GeoJSON allows and QuPath ignores.
     Atomic (``fileio.atomic_output``): a failed write leaves nothing at ``path``.
     An OSError (a full disk) propagates; infer turns it into one line naming the output.
     """
@@ -71,7 +56,8 @@ def write_geojson(path: str | Path, xs: np.ndarray, ys: np.ndarray, tile_w: floa
     tws, ths = np.broadcast_to(tile_w, len(xs)), np.broadcast_to(tile_h, len(xs))
     with atomic_output(path) as tmp, open(tmp, "wb") as raw:
         f = io.TextIOWrapper(gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) if gz else raw, encoding="utf-8")
-        f.write('{"type": "FeatureCollection", "features": [')
+        head = json.dumps({"type": "FeatureCollection", **(collection or {})}, separators=(",", ":"))
+        f.write(head[:-1] + ',"features": [')
         for i in range(len(xs)):
             m, mx = float(score_mean[i]), float(score_max[i])
             if not (np.isfinite(m) and np.isfinite(mx)):
@@ -87,7 +73,10 @@ def write_geojson(path: str | Path, xs: np.ndarray, ys: np.ndarray, tile_w: floa
                 "name": f"tile r{r} c{c}",
                 "measurements": {"anomaly_score": m, "anomaly_score_max": mx},
             }
-            if threshold is not None and m > threshold:
+            if pvalues is not None and np.isfinite(pvalues[i]):
+                props["measurements"]["anomaly_pvalue"] = float(pvalues[i])
+            called = bool(anomalous[i]) if anomalous is not None else (threshold is not None and m > threshold)
+            if called:
                 props["classification"] = {"name": CLASS_NAME, "color": list(CLASS_COLOR)}
             feat = {
                 "type": "Feature",
@@ -100,3 +89,18 @@ def write_geojson(path: str | Path, xs: np.ndarray, ys: np.ndarray, tile_w: floa
         f.write("\n]}\n")
         f.close()
     return n
+
+
+def calls_description(attrs: dict[str, Any]) -> dict[str, Any]:
+    """The collection members that say how the tiles were classified (from the store's attributes)."""
+    calls, cal, verdict = attrs.get("calls") or {}, attrs.get("calibration"), attrs.get("verdict") or {}
+    if not calls:  # a store from before the calibrated calls
+        return {}
+    text = f"{CLASS_NAME} tiles: {calls.get('method')}"
+    if cal:
+        text += f"; calibration {cal.get('n')} normal tiles ({cal.get('source')}, {cal.get('date')})"
+    if verdict:
+        text += f"; slide verdict {verdict.get('verdict')}"
+    return {"description": text,
+            "properties": {"calls": calls, "calibration": cal, "verdict": verdict,
+                           "display_range": attrs.get("display_range")}}

@@ -126,15 +126,31 @@ def _tile_boxes(ctx: StoreContext) -> "np.ndarray":
     return boxes
 
 
+def _anomalous(ctx: StoreContext) -> "np.ndarray | None":
+    """The store's Anomalous tiles (table ``tiles/anomalous``, the rule of attribute ``calls``); a store from
+    before the calibrated calls has no table: its per-slide threshold decides, as it did then."""
+    t = ctx.group["tiles"]
+    if "anomalous" in t:
+        return t["anomalous"][:].astype(bool)
+    thr = ctx.attrs["threshold"]["value"]
+    return t["score_mean"][:] > thr if thr is not None else None
+
+
+def _pvalues(ctx: StoreContext) -> "np.ndarray | None":
+    t = ctx.group["tiles"]
+    return t["pvalue"][:] if "pvalue" in t else None
+
+
 def _geojson(ctx: StoreContext, path: Path) -> None:
-    from .geojson import write_geojson
+    from .geojson import calls_description, write_geojson
 
     a, t = ctx.attrs, ctx.group["tiles"]
     rc = t["rc"][:].reshape(-1, 2)
     b = _tile_boxes(ctx)
     write_geojson(path, b[:, 0], b[:, 1], b[:, 2] - b[:, 0], b[:, 3] - b[:, 1], t["score_mean"][:],
-                  t["score_max"][:], threshold=a["threshold"]["value"], offset=tuple(a["geojson"]["offset"]),
-                  rows=rc[:, 0], cols=rc[:, 1], seed=f"{a['slide']['properties_sha256']}:{a['model']['sha256']}")
+                  t["score_max"][:], threshold=None, offset=tuple(a["geojson"]["offset"]),
+                  rows=rc[:, 0], cols=rc[:, 1], seed=f"{a['slide']['properties_sha256']}:{a['model']['sha256']}",
+                  pvalues=_pvalues(ctx), anomalous=_anomalous(ctx), collection=calls_description(a))
 
 
 def _preview_level(levels: list, min_side: float) -> int:
@@ -147,10 +163,17 @@ def _preview_level(levels: list, min_side: float) -> int:
 
 
 def _preview_subtitle(a: dict[str, Any]) -> str:
-    """The line under the preview's title (the calibration's verdict will go here)."""
+    """The line under the preview's title: the slide's verdict and what its colours mean."""
     if a.get("status") == "no tissue":
         return f"no tissue found: 0 of {a['tiles']['grid']} grid tiles have >= {a['min_tissue']:g} tissue"
-    return ""
+    from .calls import verdict_line
+
+    return verdict_line(a.get("verdict"))
+
+
+def _score_label(a: dict[str, Any]) -> str:
+    """The colour bar's label: whether its scale is the model's (the same on every slide) or this slide's."""
+    return "anomaly score (model's calibrated scale)" if a.get("calibration") else "anomaly score (this slide's scale)"
 
 
 def _preview(ctx: StoreContext, path: Path) -> None:
@@ -167,12 +190,10 @@ def _preview(ctx: StoreContext, path: Path) -> None:
     ox, oy = a["map"]["origin_level0"]
     hh, hw = heat.shape
     vmin, vmax = a["display_range"]
-    # Anomalous = the GeoJSON's rule (above the slide's threshold); the one place the preview decides it
-    scores, thr = ctx.group["tiles"]["score_mean"][:], a["threshold"]["value"]
-    anomalous = scores > thr if thr is not None else None
+    anomalous = _anomalous(ctx)  # the GeoJSON's Anomalous tiles (attribute ``calls``)
     write_preview(path, thumb, (W, H), heat[:], (ox, oy, ox + hw * s, oy + hh * s), vmin=vmin, vmax=vmax,
                   title=a["slide"].get("id") or slide_id(ctx.slide), subtitle=_preview_subtitle(a),
-                  tile_boxes=_tile_boxes(ctx), anomalous=anomalous)
+                  tile_boxes=_tile_boxes(ctx), anomalous=anomalous, score_label=_score_label(a))
 
 
 # ------------------------------------------------------------------------------------------------ the table

@@ -23,6 +23,7 @@ from .. import __version__
 from ..config import MAX_MODEL_ELEMENTS, ModelConfig, check_mpp
 from ..errors import BadModelFileError, OutputError, UserError
 from ..fileio import atomic_output, os_reason, write_error
+from ..scoring.calibration import check_block
 from .features import file_sha256, tensors_sha256
 from .haloae import HaloAE
 
@@ -278,7 +279,31 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> L
     if recorded and recorded != actual:
         raise BadModelFileError(f"model file {path}: backbone weights do not match their recorded sha256 (file altered?)")
     model.backbone_info = backbone_info
+    user["calibration"] = check_block(user.get("calibration"), f"model file {path}", mean_map.numpy())
     user.setdefault("package_version", meta.get("package_version"))
     user.setdefault("format_version", int(meta["format_version"]))
     model.eval().to(device)
     return LoadedModel(model=model, mean_map=mean_map.to(device), metadata=user, sha256=file_sha256(path), path=path)
+
+
+def rewrite_metadata(src: str | os.PathLike, dst: str | os.PathLike, updates: dict[str, Any], what: str = "model file") -> Path:
+    """Copy model file ``src`` to ``dst`` with ``updates`` merged into its metadata; tensors and every other
+    header entry unchanged. Atomic (``dst`` may be ``src``: it is replaced whole or not at all)."""
+    from safetensors import safe_open
+
+    src, dst = Path(src), Path(dst)
+    header = dict(read_header(src))
+    try:
+        user = json.loads(header.get("metadata", "{}"))
+        with safe_open(str(src), framework="pt", device="cpu") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (json.JSONDecodeError, OSError) as exc:
+        raise BadModelFileError(f"model file {src}: unreadable ({exc})") from None
+    user = dict(user) if isinstance(user, dict) else {}
+    user.update(updates)
+    try:
+        header["metadata"] = json.dumps(user, default=_json_default)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"rewrite_metadata: metadata is not JSON-serialisable ({exc})") from None
+    write_safetensors(dst, tensors, header, what)
+    return dst

@@ -67,9 +67,13 @@ def run_info(preset: str = "paper", model_path: Path | None = None) -> dict:
     if model_path is not None:
         from .checkpoint import load_model
 
+        from ..scoring.calibration import Calibration
+
         loaded = load_model(model_path)
         cfg = loaded.model.config
         bb = loaded.model.backbone_info
+        meta = {k: v for k, v in loaded.metadata.items() if k != "calibration"}  # thousands of scores: summarised
+        cal = Calibration.from_metadata(loaded.metadata, f"model file {model_path}")
         file_lines = [
             f"model file:        {model_path}",
             f"sha256:            {loaded.sha256}",
@@ -77,7 +81,9 @@ def run_info(preset: str = "paper", model_path: Path | None = None) -> dict:
             + (f", from {bb['path']}" if bb.get("path") else "")
             + ")",
             f"stain:             {_stain_line(loaded.model.stain.describe())}",
-            f"metadata:          {json.dumps(loaded.metadata, sort_keys=True)}",
+            f"metadata:          {json.dumps(meta, sort_keys=True)}",
+            (cal.line() if cal is not None else "calibration: none (no p-values or calibrated calls; see docs/scores.md)")
+            .replace("calibration: ", f"{'calibration:':19s}", 1),
         ]
     else:
         cfg = ModelConfig.preset(preset)

@@ -7,6 +7,12 @@ tissue with the stain channels permuted and darkened). The content is a pure fun
 so any region at any pyramid level is rendered on its own: writing a 100k x 100k slide holds one tile in
 memory at a time, and background tiles compress to almost nothing.
 
+Two textures: ``mirror`` (the image mirror-tiled, period 1024 px, the demo's) and ``patchwork`` (square
+patches of ``PATCH`` px, each a seeded random crop of the image, flipped/transposed at random): with
+``patchwork`` no two slides of different ``seed`` share a tile, which is what calibration tests need (normal
+tissue the model never saw). Two anomaly kinds: ``stain`` (channels permuted, darkened; the demo's) and
+``blood`` (a haemorrhage: the tissue's texture recoloured dark red to pink, as red blood cells look).
+
 The file is a tiled TIFF with reduced-resolution levels as separate IFDs (what OpenSlide's generic-TIFF
 reader sees as a pyramid) and TIFF resolution tags in centimetres, from which OpenSlide derives
 ``openslide.mpp-x``/``-y``.
@@ -23,6 +29,10 @@ import numpy as np
 from ..fileio import atomic_output
 
 GLASS = np.array([242, 240, 244], dtype=np.uint8)
+TEXTURES = ("mirror", "patchwork")
+ANOMALY_KINDS = ("stain", "blood")
+#: Side of one patchwork patch in level-0 px: not a divisor of 256, so patch seams fall anywhere in a tile.
+PATCH = 192
 
 
 @lru_cache(maxsize=1)
@@ -56,6 +66,14 @@ class SyntheticSlideSpec:
     compression: str = "jpeg"
     seed: int = 0
     extra: dict = field(default_factory=dict)
+    texture: str = "mirror"  # "mirror" | "patchwork" (seeded by ``seed``)
+    anomaly_kind: str = "stain"  # "stain" | "blood"
+
+    def __post_init__(self) -> None:
+        if self.texture not in TEXTURES:
+            raise ValueError(f"texture must be one of {TEXTURES}, got {self.texture!r}")
+        if self.anomaly_kind not in ANOMALY_KINDS:
+            raise ValueError(f"anomaly_kind must be one of {ANOMALY_KINDS}, got {self.anomaly_kind!r}")
 
     @staticmethod
     def default(width: int = 4096, height: int = 4096, mpp: float = 0.5, anomaly: bool = True,
@@ -106,22 +124,57 @@ def render_region(spec: SyntheticSlideSpec, x: int, y: int, w: int, h: int, down
     tissue = _inside(spec.islands, X, Y) & (X < spec.width) & (Y < spec.height)
     if not tissue.any():
         return out
-    tex = _texture()
-    period = tex.shape[0]
     # the texture is sampled at level-0 resolution; at lower levels we point-sample it (enough for a pyramid
     # used for thumbnails and tissue detection)
-    ix = (np.floor(xs).astype(np.int64) % period)[None, :]
-    iy = (np.floor(ys).astype(np.int64) % period)[:, None]
-    pix = tex[iy, ix]
+    pix = _sample(spec, xs, ys)
     out[tissue] = pix[tissue]
     if spec.anomalies:
         an = _inside(spec.anomalies, X, Y) & tissue
         if an.any():
-            p = pix[an].astype(np.int16)
-            # permute the stain channels and darken: brown/blue IHC becomes dense purple-green tissue
-            q = np.stack([p[:, 2], p[:, 0], p[:, 1]], axis=1) * 0.7
-            out[an] = np.clip(q, 0, 255).astype(np.uint8)
+            if spec.anomaly_kind == "blood":
+                # a haemorrhage: the tissue's texture recoloured from dark red to pink (red blood cells)
+                g = pix[an].astype(np.float32).mean(axis=1, keepdims=True) / 255.0
+                dark, light = np.array([140, 15, 30], np.float32), np.array([240, 150, 160], np.float32)
+                out[an] = (dark + (light - dark) * g).astype(np.uint8)
+            else:
+                p = pix[an].astype(np.int16)
+                # permute the stain channels and darken: brown/blue IHC becomes dense purple-green tissue
+                q = np.stack([p[:, 2], p[:, 0], p[:, 1]], axis=1) * 0.7
+                out[an] = np.clip(q, 0, 255).astype(np.uint8)
     return out
+
+
+def _mix(a: np.ndarray, b: np.ndarray, seed: int) -> np.ndarray:
+    """A 64-bit integer hash of (a, b, seed), vectorised (splitmix64's finaliser)."""
+    with np.errstate(over="ignore"):
+        x = (a.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)) ^ (b.astype(np.uint64) * np.uint64(0xC2B2AE3D27D4EB4F))
+        x ^= np.uint64((seed * 0x165667B19E3779F9) & 0xFFFFFFFFFFFFFFFF)
+        for shift, mult in ((30, 0xBF58476D1CE4E5B9), (27, 0x94D049BB133111EB)):
+            x ^= x >> np.uint64(shift)
+            x *= np.uint64(mult)
+        return x ^ (x >> np.uint64(31))
+
+
+def _sample(spec: SyntheticSlideSpec, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
+    """Texture pixels (len(ys), len(xs), 3) at level-0 coordinates."""
+    xi = np.floor(xs).astype(np.int64)[None, :]
+    yi = np.floor(ys).astype(np.int64)[:, None]
+    if spec.texture == "mirror":
+        tex = _texture()
+        period = tex.shape[0]
+        return tex[yi % period, xi % period]
+    src = _texture()[:512, :512]  # the original image (the mirror's top-left quarter)
+    h = _mix(yi // PATCH, xi // PATCH, spec.seed)
+    span = np.uint64(src.shape[0] - PATCH + 1)
+    ox = (h % span).astype(np.int64)
+    oy = ((h >> np.uint64(20)) % span).astype(np.int64)
+    t = (h >> np.uint64(40)).astype(np.int64)
+    u = np.broadcast_to(xi % PATCH, h.shape)
+    v = np.broadcast_to(yi % PATCH, h.shape)
+    u, v = np.where(t & 1, v, u), np.where(t & 1, u, v)  # transpose
+    u = np.where(t & 2, PATCH - 1 - u, u)  # flips
+    v = np.where(t & 4, PATCH - 1 - v, v)
+    return src[oy + v, ox + u]
 
 
 def write_synthetic_slide(path: str | Path, spec: SyntheticSlideSpec | None = None, **kw) -> Path:
@@ -171,3 +224,18 @@ def anomaly_mask(spec: SyntheticSlideSpec, x: int, y: int, w: int, h: int, downs
     xs = x + (np.arange(w, dtype=np.float64) + 0.5) * downsample
     ys = y + (np.arange(h, dtype=np.float64) + 0.5) * downsample
     return _inside(spec.anomalies, xs[None, :], ys[:, None]) & _inside(spec.islands, xs[None, :], ys[:, None])
+
+
+def patchwork_spec(seed: int, size: int = 2048, mpp: float = 0.5, anomaly_radius: float = 0.0,
+                   anomaly_kind: str = "blood") -> SyntheticSlideSpec:
+    """A square slide filled by one round island of patchwork tissue (``seed`` picks its patches), with a planted
+    anomaly disc of ``anomaly_radius`` level-0 px (none when 0) centred off the middle, inside the island.
+
+    Slides of different seeds show the same tissue but never the same tile: normal slides for calibration
+    checks (train on some, calibrate on others, score new ones).
+    """
+    c = size / 2
+    island = Disc(c, c, 0.47 * size)
+    anomalies = (Disc(c + 0.12 * size, c - 0.08 * size, float(anomaly_radius)),) if anomaly_radius > 0 else ()
+    return SyntheticSlideSpec(width=size, height=size, mpp=mpp, islands=(island,), anomalies=anomalies, seed=seed,
+                              texture="patchwork", anomaly_kind=anomaly_kind)

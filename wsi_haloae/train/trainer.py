@@ -37,8 +37,10 @@ from ..errors import BadInputError, OutputError
 from ..fileio import guard_outputs, output_lock, write_text_atomic
 from .data import CutPasteDataset, EpochSampler, PlainTiles, TileSet, load_tiles, training_mpp
 from .batchnorm import refresh_batchnorm
+from .calibration import calibrate_holdout
 from .estimate import StepClock, warn_if_long_on_cpu
 from .ews import weights_for
+from .holdout import split_holdout
 from .losses import reconstruction_loss
 from .stain import setup_stain
 from ..model.checkpoint import is_model_file, write_safetensors
@@ -48,7 +50,7 @@ log = logging.getLogger(__name__)
 
 #: Config fields that must match for ``--resume`` (device, workers and max_steps may change between runs).
 RESUME_KEYS = ("preset", "epochs", "samples_per_epoch", "batch_size", "backbone_weights", "seed", "lr", "weight_decay", "jitter",
-               "stain_normalize", "stain_augment")
+               "stain_normalize", "stain_augment", "val_fraction")
 RESUME_FORMAT = "wsi-haloae-resume/1"
 
 
@@ -335,6 +337,8 @@ def _train(cfg: TrainConfig) -> Path:
         raise BadInputError(f"{resume_path}: no resume file to continue from (run without --resume to start)")
     tiles = load_tiles(cfg.tiles)
     fingerprint = _fingerprint(cfg, tiles)
+    holdout = split_holdout(tiles, cfg.val_fraction, cfg.seed)  # calibration tiles: out of training and mean map
+    tiles = holdout.train
 
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.preset, cfg.backbone_weights, seed=cfg.seed).to(device)
@@ -437,6 +441,7 @@ def _train(cfg: TrainConfig) -> Path:
 
     bn_tiles = refresh_batchnorm(model, tiles, device, 3 * cfg.batch_size, cfg.workers, seed=cfg.seed) if cfg.refresh_bn else 0
     mean_map = training_mean_map(model, tiles, device, batch_size=max(8, 3 * cfg.batch_size), workers=cfg.workers)
+    calibration = calibrate_holdout(model, mean_map, holdout, device, Path(cfg.tiles), max(8, 3 * cfg.batch_size), cfg.workers)
     wall = elapsed_before + time.time() - t0
     metadata = {
         "preset": cfg.preset,
@@ -455,6 +460,8 @@ def _train(cfg: TrainConfig) -> Path:
         "device": str(device),
         "wall_time_s": round(wall, 1),
         "batchnorm": f"recomputed on {bn_tiles} training tiles" if bn_tiles else "running averages of training",
+        "holdout": holdout.describe(),
+        "calibration": calibration,
     }
     save_model(out, model, mean_map, metadata)
     if epochs_done >= cfg.epochs:
