@@ -90,15 +90,14 @@ def test_a_normal_slide_the_model_never_saw_is_called_normal_with_uniform_pvalue
     assert ks.statistic <= 0.25  # the p-values of new normal tissue are close to uniform
 
 
-@pytest.mark.xfail(strict=True, reason="since the round-2 merge (maps, BN refresh, SSIM constants) 7 of this normal "
-                   "slide's 44 tested tiles, all with 50-75 % tissue, have p <= 0.05 (0.159 > 2 alpha; 0 of 44 before): "
-                   "partial tiles score above the calibration's partial tiles; follow-up: calibrate per tissue-fraction "
-                   "bin (Mondrian conformal)")
 def test_uncorrected_pvalues_of_a_new_normal_slide_are_at_most_twice_alpha(experiment):
     cal, stores = experiment
     _, _, v = _verdict(stores["normal"][0], cal)
     p = v.pvalues[np.isfinite(v.pvalues)]
-    assert np.mean(p <= ALPHA) <= 2 * ALPHA  # uncorrected: about alpha when calibrated
+    print(f"normal slide: {p.size} tested tiles, {np.mean(p <= ALPHA):.1%} with p <= {ALPHA}")
+    # uncorrected: about alpha when calibrated. Before the stain normaliser landed (models without it), 7 of 44
+    # tiles with 50-75 % tissue had p <= 0.05 here: partial tiles can still outscore the calibration's
+    assert np.mean(p <= ALPHA) <= 2 * ALPHA
 
 
 def test_calls_on_a_planted_haemorrhage_concentrate_on_it(experiment):

@@ -12,6 +12,7 @@ import errno
 import fcntl
 import os
 import shutil
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -41,7 +42,13 @@ def remove_path(path: Path) -> None:
     path = Path(path)
     try:
         if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path, ignore_errors=True)
+            # zarr 3 writes a store's keys from worker threads; when one write fails, others of the same call
+            # may still land after the error reached us and re-create the folder: remove until it stays gone
+            for _ in range(20):
+                shutil.rmtree(path, ignore_errors=True)
+                time.sleep(0.05)
+                if not path.exists():
+                    break
         else:
             path.unlink(missing_ok=True)
     except OSError:
