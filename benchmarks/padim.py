@@ -63,7 +63,10 @@ class PaDiM:
         shrink = np.empty(p)
         for i in range(p):
             cov, shrink[i] = ledoit_wolf(emb[:, i, :])
-            precision[i] = np.linalg.inv(cov)
+            try:
+                precision[i] = np.linalg.inv(cov)
+            except np.linalg.LinAlgError:  # a constant position (e.g. bottle's black background: every ReLU 0)
+                precision[i] = np.linalg.inv(cov + 0.01 * np.eye(d))  # PaDiM's own regulariser, only here
         self.mean = torch.from_numpy(mean).float()
         self.precision = torch.from_numpy(precision).float()
         self.shrinkage = shrink
