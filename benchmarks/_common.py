@@ -177,6 +177,16 @@ def print_table(rows: Sequence[dict[str, Any]], columns: Iterable[str]) -> None:
     sys.stdout.flush()
 
 
+def failed_row(row: dict[str, Any], exc: BaseException, label: str, result: dict[str, Any],
+               args: argparse.Namespace) -> None:
+    """Record a lever that does not run here as a result row (its first error lines), say so, and save."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    row["error"] = f"{type(exc).__name__}: {' | '.join(lines[:3])[:400]}"
+    print(f"# {label}: failed: {row['error']}", flush=True)
+    result["rows"].append(row)
+    save(result, args)
+
+
 def cpu_seconds() -> float:
     """User+system CPU time of this process (threads included): robust to other load on a shared machine."""
     t = os.times()

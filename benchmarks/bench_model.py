@@ -179,11 +179,7 @@ def main() -> None:
             per_batch, iters, cpu_per_batch, first = time_fn(fn, x, device, 1 if args.quick else 2, min_s, max_s,
                                                              warmup=2 if cfgrow["compile"] else 1)
         except Exception as exc:  # noqa: BLE001 - a lever that does not run here is a result too
-            lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-            row["error"] = f"{type(exc).__name__}: {' | '.join(lines[:3])[:400]}"
-            print(f"# {preset} {cfgrow}: failed: {row['error']}", flush=True)
-            result["rows"].append(row)
-            _common.save(result, args)
+            _common.failed_row(row, exc, f"{preset} {cfgrow}", result, args)
             continue
         b = cfgrow["batch"]
         tps = b / per_batch

@@ -157,11 +157,7 @@ def main() -> None:
             wall = time.perf_counter() - t0
             cpu = _common.cpu_seconds() - c0
         except Exception as exc:  # noqa: BLE001 - a lever that does not run here is a result too
-            lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-            row["error"] = f"{type(exc).__name__}: {' | '.join(lines[:3])[:400]}"
-            print(f"# {row_cfg}: failed: {row['error']}", flush=True)
-            result["rows"].append(row)
-            _common.save(result, args)
+            _common.failed_row(row, exc, str(row_cfg), result, args)
             del loader, model, forward, opt
             continue
         n_steps = step2 - step
