@@ -214,16 +214,22 @@ def test_local_cohort_records_failures_and_resumes(tiny_model, slide_dir, tmp_pa
     assert (out / "syn0.zarr" / ".complete").stat().st_mtime_ns == before
     assert rows["syn0"]["tiles"] and rows["syn0"]["score_max"]  # figures of a skipped slide come from its store
 
-    # nothing left to run: no cluster starts, exit 0 once the bad file is gone
+    # nothing left to run: no cluster starts, exit 0 once the bad file is gone; asked for another FDR, the
+    # complete slides keep their calls, and the log and the page both say which and how
     shutil.move(slide_dir / "x.svs", tmp_path / "x.svs")
     try:
-        p, secs = run_cli(slide_dir, "--model", tiny_model, "--out", out, *FAST)
+        p, secs = run_cli(slide_dir, "--model", tiny_model, "--out", out, "--fdr", "0.1", *FAST)
     finally:
         shutil.move(tmp_path / "x.svs", slide_dir / "x.svs")
     assert p.returncode == 0, p.stderr
     assert "local cluster" not in p.stderr and "2 slides, 0 to run" in p.stderr
     assert {r["status"] for r in read_rows(out).values()} == {"skipped"}
     assert secs < 30
+    kept = [ln for ln in p.stderr.splitlines() if "keep calls made under other settings" in ln]
+    assert len(kept) == 1 and "2 complete slide(s)" in kept[0] and "syn0 (made at --threshold fdr --fdr 0.05, asked --threshold fdr --fdr 0.1)" in kept[0]
+    page = (out / "index.html").read_text()
+    assert "Not so for 2 slide(s) complete from an earlier run" in page and "syn1: made at --threshold fdr --fdr 0.05" in page
+    assert json.loads((out / "cohort.json").read_text())["cohort"]["kept_calls"].keys() == {"syn0", "syn1"}
 
 
 def test_local_cohort_resolution_rules_and_no_tissue(tiny_model, slide_dir, tmp_path):

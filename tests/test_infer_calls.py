@@ -271,3 +271,29 @@ def test_cohort_page_says_whose_colour_scale_and_rule(tmp_path):
     assert "one scale for every slide (0.2 to 11.6" in fdr and "1,234 normal tiles" in fdr and "FDR 0.1 on p-values" in fdr
     mad = to_html(rows, tmp_path, "t", {"calibration": cal, "threshold": "mad", "fdr": 0.05})
     assert "median + 3 MAD rule (--threshold mad)" in mad and "Benjamini" not in mad
+
+
+def test_other_calls_names_how_stored_calls_differ_from_the_asked_ones():
+    from wsi_haloae.infer.calls import other_calls
+
+    fdr05 = {"requested": "fdr", "fdr": 0.05, "rule": "fdr"}
+    assert other_calls(fdr05, "fdr", 0.05) is None
+    assert other_calls(None, "fdr", 0.1) is None  # a store from before calls: nothing to compare
+    assert other_calls(fdr05, "fdr", 0.1) == "made at --threshold fdr --fdr 0.05, asked --threshold fdr --fdr 0.1"
+    assert other_calls(fdr05, "mad", 0.05) == "made at --threshold fdr --fdr 0.05, asked --threshold mad"
+    mad = {"requested": "mad", "fdr": 0.05, "rule": "mad"}
+    assert other_calls(mad, "mad", 0.2) is None  # --fdr means nothing to the mad rule
+    # an uncalibrated model's fallback to mad is not a difference: the same request makes the same calls
+    assert other_calls({"requested": "fdr", "fdr": 0.05, "rule": "mad", "fallback": True}, "fdr", 0.05) is None
+
+
+def test_cohort_page_names_slides_that_keep_other_calls(tmp_path):
+    from wsi_haloae.cohort.report import to_html
+
+    rows = [{"id": "a", "path": "/a", "status": "skipped", "verdict": "normal"}]
+    cal = {"n": 1234, "display_range": [0.2, 11.6]}
+    plain = to_html(rows, tmp_path, "t", {"calibration": cal, "threshold": "fdr", "fdr": 0.1, "kept_calls": {}})
+    assert "Not so for" not in plain
+    kept = to_html(rows, tmp_path, "t", {"calibration": cal, "threshold": "fdr", "fdr": 0.1,
+                                         "kept_calls": {"a": "made at --threshold fdr --fdr 0.05, asked --threshold fdr --fdr 0.1"}})
+    assert "Not so for 1 slide(s) complete from an earlier run" in kept and "a: made at --threshold fdr --fdr 0.05" in kept

@@ -73,14 +73,16 @@ def _state(out: Path, e: SlideEntry, cfg: CohortConfig, sha: str) -> str:
     return "done" if all(outputs.BY_NAME[k].is_complete(p) for k, p in paths.items()) else "extras"
 
 
-def _skipped_row(out: Path, e: SlideEntry) -> dict[str, Any]:
-    """A complete slide's row: figures from its store, host and seconds from the run that made it."""
+def _skipped_row(out: Path, e: SlideEntry, cfg: CohortConfig) -> tuple[dict[str, Any], str | None]:
+    """A complete slide's row (figures from its store, host and seconds from the run that made it) and, when
+    its stored calls were made under another rule or FDR than this run asks for, how they differ."""
     import json
 
     from ..infer import outputs
+    from ..infer.calls import other_calls
     from ..infer.writers import read_attrs
 
-    row = _blank_row(e, "skipped")
+    row, differ = _blank_row(e, "skipped"), None
     try:
         old = json.loads(record_path(out, e.id).read_text())
         row.update({k: old.get(k) for k in ("seconds", "host", "worker")})
@@ -91,30 +93,46 @@ def _skipped_row(out: Path, e: SlideEntry) -> dict[str, Any]:
         row.update(slide_row(attrs))
         if attrs.get("status") == NO_TISSUE:
             row["status"] = NO_TISSUE  # never hidden among the skipped: the slide still has no tissue
+        differ = other_calls(attrs.get("calls"), cfg.options.threshold, cfg.options.fdr)
     except (OSError, ValueError) as exc:  # a figure we cannot read is not a reason to redo the slide
         log.warning("%s: cannot read figures from its store (%s)", e.id, exc)
-    return row
+    return row, differ
+
+
+def _warn_kept_calls(kept: dict[str, str]) -> None:
+    """Complete slides keep their calls: one line when some were made under another rule or FDR, since the
+    cohort page would otherwise compare verdicts made at different levels without saying so."""
+    if not kept:
+        return
+    ids = sorted(kept)
+    shown = ", ".join(f"{i} ({kept[i]})" for i in ids[:5]) + (f" and {len(ids) - 5} more" if len(ids) > 5 else "")
+    log.warning("%d complete slide(s) keep calls made under other settings than asked: %s; add --overwrite to "
+                "redo them (the cohort page lists them)", len(ids), shown)
 
 
 def _plan(entries: list[SlideEntry], out: Path, cfg: CohortConfig,
-          sha: str) -> tuple[dict[str, dict], list[SlideEntry], set[str]]:
-    """Rows known before any cluster starts (skipped, missing), the slides left to run, and those of them whose
-    complete output came from another model (redone with overwrite)."""
+          sha: str) -> tuple[dict[str, dict], list[SlideEntry], set[str], dict[str, str]]:
+    """Rows known before any cluster starts (skipped, missing), the slides left to run, those of them whose
+    complete output came from another model (redone with overwrite), and the skipped slides whose calls were
+    made under another rule or FDR (id: how)."""
     rows: dict[str, dict] = {}
     todo: list[SlideEntry] = []
     redo: set[str] = set()
+    kept: dict[str, str] = {}
     for e in entries:
         if not e.path.exists():
             rows[e.id] = _blank_row(e, "failed", f"{e.path}: no such file")
             continue
         state = "todo" if cfg.overwrite else _state(out, e, cfg, sha)
         if state == "done":
-            rows[e.id] = _skipped_row(out, e)
+            rows[e.id], differ = _skipped_row(out, e, cfg)
+            if differ:
+                kept[e.id] = differ
             continue
         todo.append(e)
         if state == "stale" or cfg.overwrite:
             redo.add(e.id)
-    return rows, todo, redo
+    return rows, todo, redo, kept
 
 
 def _check_options(cfg: CohortConfig) -> None:
@@ -313,7 +331,8 @@ def run_cohort(cfg: CohortConfig) -> int:
     model = Path(cfg.model).expanduser().resolve()
     _guard(cfg, entries, out, model)
     sha, calibration = _model_sha256(model)
-    rows, todo, redo = _plan(entries, out, cfg, sha)
+    rows, todo, redo, kept = _plan(entries, out, cfg, sha)
+    _warn_kept_calls(kept)
     if cfg.dry_run:
         _print_plan(cfg, entries, rows, todo, out)
         return 0
@@ -326,7 +345,8 @@ def run_cohort(cfg: CohortConfig) -> int:
     meta: dict[str, Any] = {"slides": cfg.slides, "model": str(model), "model_sha256": sha, "out": str(out),
                             "cluster": "external" if cfg.scheduler_address else cfg.cluster,
                             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(t0)),
-                            "threshold": cfg.options.threshold, "fdr": cfg.options.fdr, **calibration}
+                            "threshold": cfg.options.threshold, "fdr": cfg.options.fdr, **calibration,
+                            "kept_calls": kept}
 
     def write() -> None:
         ordered = [rows[e.id] if e.id in rows else _blank_row(e, "pending") for e in entries]

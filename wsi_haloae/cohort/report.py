@@ -120,6 +120,15 @@ def _cell(r: dict[str, Any], c: str) -> tuple[str, str, str]:
     return _fmt(v), _fmt(v), ""
 
 
+def _kept_calls_line(meta: dict[str, Any]) -> str:
+    """Slides skipped as complete whose calls were made under another rule or FDR than the page states."""
+    kept = meta.get("kept_calls") or {}
+    if not kept:
+        return ""
+    return (f" Not so for {len(kept)} slide(s) complete from an earlier run, which keep the calls they were made "
+            "with (rerun with --overwrite to redo them): " + "; ".join(f"{i}: {kept[i]}" for i in sorted(kept)) + ".")
+
+
 def _scale_line(meta: dict[str, Any] | None) -> str:
     """What the previews' colours mean: one scale fixed by the model's calibration, or per slide without one."""
     meta = meta or {}
@@ -130,10 +139,11 @@ def _scale_line(meta: dict[str, Any] | None) -> str:
                  f"Benjamini-Hochberg at FDR {meta.get('fdr', 0.05):g} on p-values against that calibration")
         return (f"Colours: one scale for every slide ({lo:.3g} to {hi:.3g}, fixed by the model's calibration on "
                 f"{cal['n']:,} normal tiles), so the same colour is the same score on every slide. Anomalous tiles: "
-                f"{calls}.")
+                f"{calls}." + _kept_calls_line(meta))
     if "calibration" in meta:
         return ("The model has no calibration: each preview has its own colour scale and Anomalous tiles are the "
-                "per-slide median + 3 MAD rule (not comparable across slides; see wsi-haloae calibrate).")
+                "per-slide median + 3 MAD rule (not comparable across slides; see wsi-haloae calibrate)."
+                + _kept_calls_line(meta))
     return ""
 
 

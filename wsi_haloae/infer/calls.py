@@ -132,6 +132,24 @@ def call_slide(score_mean: np.ndarray, grid, slide_mpp: float | None, metadata: 
                       low_tissue=int(low.sum()) if cal is not None else 0)
 
 
+def _rule_text(threshold: str | None, fdr: float | None) -> str:
+    return f"--threshold {threshold}" + (f" --fdr {fdr:g}" if threshold == "fdr" and fdr is not None else "")
+
+
+def other_calls(calls: dict[str, Any] | None, threshold: str, fdr: float) -> str | None:
+    """How a complete store's calls (its ``calls`` attribute) differ from the ones asked for now, in words
+    ("made at --threshold fdr --fdr 0.01, asked --threshold fdr --fdr 0.05"), or None when they agree or the
+    store predates calls. A complete store keeps its calls; ``infer`` and ``cohort`` say so with this line."""
+    if not calls:
+        return None
+    asked = (threshold, fdr if threshold == "fdr" else None)
+    made_rule = calls.get("requested")
+    made = (made_rule, calls.get("fdr") if made_rule == "fdr" else None)
+    if asked == made:
+        return None
+    return f"made at {_rule_text(*made)}, asked {_rule_text(*asked)}"
+
+
 def verdict_line(v: dict[str, Any] | None) -> str:
     """The verdict part of infer's one-line summary, from the store's ``verdict`` attribute ("" when absent)."""
     if not v:

@@ -41,7 +41,7 @@ from ..slide.ids import slide_id
 from . import batch, outputs, writers
 from .assembler import MapAssembler, blend_window, tile_scores_from_windows
 from .colour import check_slide_colours, colour_attrs, colour_clause, colour_summary, warn_if_unusual
-from .calls import SlideCalls, call_slide, verdict_line
+from .calls import SlideCalls, call_slide, other_calls, verdict_line
 from .geojson import robust_threshold
 from .outputs import STORE
 from .tissue_map import MapTissue
@@ -272,15 +272,9 @@ def _check_same_run(cfg: InferConfig, out: Path, attrs: dict[str, Any], loaded) 
 
 def _warn_other_calls(cfg: InferConfig, out: Path, attrs: dict[str, Any]) -> None:
     """A complete store keeps the calls it was made with: say so when this run asked for other ones."""
-    calls, opts = attrs.get("calls") or {}, cfg.options
-    if not calls:
-        return
-    asked = (opts.threshold, opts.fdr if opts.threshold == "fdr" else None)
-    made = (calls.get("requested"), calls.get("fdr") if calls.get("requested") == "fdr" else None)
-    if asked != made:
-        log.warning("%s: complete, with calls made at --threshold %s%s; its calls are kept (use --overwrite to "
-                    "redo them at --threshold %s%s)", out, made[0], f" --fdr {made[1]:g}" if made[1] else "",
-                    asked[0], f" --fdr {asked[1]:g}" if asked[1] else "")
+    differ = other_calls(attrs.get("calls"), cfg.options.threshold, cfg.options.fdr)
+    if differ:
+        log.warning("%s: complete, with calls %s; its calls are kept (use --overwrite to redo them)", out, differ)
 
 
 def _write_extras(ctx: outputs.StoreContext, extras: dict[str, Path], temps: dict[str, Path]) -> None:
