@@ -30,7 +30,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .. import __version__
 from ..config import InferConfig
@@ -501,24 +500,12 @@ def slide_summary(score_mean: np.ndarray, mask: np.ndarray, tiles: int) -> dict[
 
 def _scorer(model: torch.nn.Module, mean_map: torch.Tensor, block: int) -> Callable[[torch.Tensor], tuple]:
     """The per-batch computation: uint8 tiles (B, 3, T, T) on the model's device -> (map blocks (B, block,
-    block), tile mean scores (B,), tile max scores (B,)), all still on that device."""
-    from ..model.anomaly_map import postprocess, tile_scores
-
-    fm = model.config.fm_size
-    cuda = mean_map.device.type == "cuda"
+    block), tile mean scores (B,), tile max scores (B,)), all still on that device; ``score_batch`` is the one
+    scoring path (calibration uses it too)."""
+    from ..model.anomaly_map import score_batch
 
     def score(tiles: torch.Tensor) -> tuple:
-        x = tiles.float().div_(255.0).contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device_type="cuda" if cuda else "cpu", dtype=torch.bfloat16, enabled=cuda):
-            raw = model.anomaly_map(x)
-        raw = raw.float()
-        pp = postprocess(raw, mean_map)
-        mean, mx = tile_scores(pp)
-        if block > fm:
-            pp = postprocess(raw, mean_map, out_size=block)
-        elif block < fm:
-            pp = F.avg_pool2d(pp[:, None], fm // block)[:, 0]
-        return pp, mean, mx
+        return score_batch(model, tiles.float().div_(255.0), mean_map, block=block)
 
     return score
 

@@ -61,17 +61,26 @@ def tile_scores(pp):
     return flat.mean(dim=1), flat.amax(dim=1)
 
 
-def score_batch(model, x: torch.Tensor, mean_map: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Tiles (N, 3, S, S) in [0, 1] on the model's device → (post-processed maps (N, 64, 64), tile mean, tile max).
+def score_batch(model, x: torch.Tensor, mean_map: torch.Tensor,
+                block: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Tiles (N, 3, S, S) in [0, 1] on the model's device → (post-processed maps, tile mean, tile max).
 
     The scoring path of inference, in one place so that calibration scores tiles exactly as slides are scored:
     the model in eval mode (the caller's job), channels_last input, bf16 autocast on CUDA, the raw map taken
-    back to float32, then ``postprocess`` with the training mean map. Call it under ``torch.inference_mode()``.
+    back to float32, then ``postprocess`` with the training mean map. The tile scores always come from the
+    map at the model's resolution (fm_size²); ``block`` only resamples the map returned (a slide's map at its
+    output resolution: blurred then upsampled, or average-pooled). Call it under ``torch.inference_mode()``.
     """
     cuda = x.device.type == "cuda"
     x = x.float().contiguous(memory_format=torch.channels_last)
     with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=cuda):
         raw = model.anomaly_map(x)
-    pp = postprocess(raw.float(), mean_map)
+    raw = raw.float()
+    pp = postprocess(raw, mean_map)
     mean, mx = tile_scores(pp)
+    fm = pp.shape[-1]
+    if block is not None and block > fm:
+        pp = postprocess(raw, mean_map, out_size=block)
+    elif block is not None and block < fm:
+        pp = F.avg_pool2d(pp[:, None], fm // block)[:, 0]
     return pp, mean, mx
