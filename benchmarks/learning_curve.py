@@ -424,6 +424,73 @@ def run_curve(args) -> Path:
     return args.out
 
 
+# ----------------------------------------------------------------------------------- BatchNorm refresh
+def bn_refresh_path(results: Path, preset: str, data: str) -> Path:
+    return results / f"bn_refresh-{preset}-{data}.json"
+
+
+def score_with_bn_refresh(model_path: Path, data: DataSet, cfg: dict[str, Any]) -> dict[str, Any]:
+    """A saved checkpoint scored as ``train`` now finishes a model: BatchNorm statistics recomputed on the
+    training tiles with the final weights (train/batchnorm.py), then the mean map recomputed with them."""
+    from wsi_haloae.model import load_model, postprocess
+    from wsi_haloae.train.batchnorm import refresh_batchnorm
+    from wsi_haloae.train.data import load_tiles
+    from wsi_haloae.train.trainer import training_mean_map
+
+    loaded = load_model(model_path, "cpu")
+    net = loaded.model
+    tiles = load_tiles(data.root, progress=False)
+    c0 = cpu_s()
+    n = refresh_batchnorm(net, tiles, torch.device("cpu"), 3 * cfg["batch_size"], 0, seed=cfg["seed"])
+    mean_map = training_mean_map(net, tiles, torch.device("cpu"), batch_size=max(8, 3 * cfg["batch_size"]), workers=0)
+    refresh_cpu = cpu_s() - c0
+    net.eval()
+
+    def haloae_map(x: torch.Tensor) -> torch.Tensor:
+        return postprocess(net.anomaly_map(x), mean_map)
+
+    figs = score_set(data.root, haloae_map, per_kind_pixels=data.name == "tissue")
+    figs["reconstruction"] = reconstruction_stats(net, data.root)
+    return {"bn_tiles": n, "refresh_and_mean_map_cpu_s": refresh_cpu, **figs}
+
+
+def run_bn_refresh(args) -> Path:
+    """Re-score checkpoints of a finished (or running) curve with the BatchNorm refresh; the curve itself ran
+    without it, so its rows say what the running averages gave and these what ``train`` gives now."""
+    torch.set_num_threads(args.threads)
+    if not args.out.is_file():
+        sys.exit(f"error: {args.out}: no learning-curve results to re-score")
+    run = json.loads(args.out.read_text())
+    cfg = run["config"]
+    data = prepare_data(args)
+    scored = {c["step"] for c in run["checkpoints"]}
+    steps = sorted({int(s) for s in args.bn_refresh.split(",")}) if args.bn_refresh != "ends" else \
+        sorted({min(scored), max(scored)}) if scored else []
+    if not steps or not set(steps) <= scored:
+        sys.exit(f"error: --bn-refresh {args.bn_refresh}: steps must be among the scored ones {sorted(scored)}")
+    path = bn_refresh_path(args.out.parent, cfg["preset"], data.name + ("-quick" if args.quick else ""))
+    res = json.loads(path.read_text()) if path.is_file() else {
+        "benchmark": "bn_refresh", "of": args.out.name, "config": cfg, "machine": _common.machine_info("cpu"),
+        "checkpoints": []}
+    rundir = args.workdir / f"{cfg['preset']}-{data.name}{'-quick' if args.quick else ''}"
+    for step in steps:
+        if any(c["step"] == step for c in res["checkpoints"]):
+            continue
+        model = rundir / "checkpoints" / f"step-{step:06d}.safetensors"
+        if not model.is_file():
+            sys.exit(f"error: {model}: checkpoint not found")
+        c0 = cpu_s()
+        figs = score_with_bn_refresh(model, data, cfg)
+        res["checkpoints"].append({"step": step, "model": str(model), "cpu_s": cpu_s() - c0,
+                                   "loadavg": _common.loadavg(), "date_utc": _common.machine_info("cpu")["date_utc"], **figs})
+        res["checkpoints"].sort(key=lambda c: c["step"])
+        save(res, path)
+        print(f"step {step:5d} + BN refresh: image AUROC {figs['image_auroc']:.3f} pixel {figs['pixel_auroc']:.3f} "
+              f"AUPRO {figs['aupro']:.3f} R² {figs['reconstruction']['r2']:.3f}", flush=True)
+    print(f"# wrote {path}", flush=True)
+    return path
+
+
 # ----------------------------------------------------------------------------------------------- report
 KIND_COLOURS = {"foreign": "tab:purple", "crowding": "tab:blue", "ink": "tab:green", "fold": "tab:brown",
                 "blur": "tab:gray", "broken_large": "tab:red", "broken_small": "tab:orange", "contamination": "tab:olive"}
@@ -442,6 +509,9 @@ def load_runs(folder: Path, include_quick: bool = False) -> list[dict[str, Any]]
             continue
         if r.get("benchmark") == "learning_curve" and (include_quick or not r.get("quick")):
             r["_path"] = str(p)
+            bn = bn_refresh_path(folder, r["config"]["preset"], r["config"]["data"] + ("-quick" if r.get("quick") else ""))
+            if bn.is_file():
+                r["_bn_refresh"] = json.loads(bn.read_text()).get("checkpoints", [])
             runs.append(r)
     order = {"tissue": 0, "bottle": 1, "tiny": 0, "r31": 1}
     return sorted(runs, key=lambda r: (order.get(r["config"]["data"], 9), order.get(r["config"]["preset"], 9)))
@@ -476,10 +546,16 @@ def table(runs: list[dict[str, Any]]) -> str:
 
         if pd:
             out.append(row(f"PaDiM d={pd['dims']}", "–", f"fit {pd['fit_cpu_s'] / 60:.1f}", pd, "–", "–"))
+        refreshed = {c["step"]: c for c in r.get("_bn_refresh", [])}
         for c in r["checkpoints"]:
             la = c.get("loadavg") or [None]
             out.append(row("HaloAE", str(c["step"]), f"{c['train_cpu_s_cum'] / 60:.1f}", c,
                            _fmt(c.get("reconstruction", {}).get("r2")), f"{la[0]:.1f}" if la[0] is not None else "–"))
+            if c["step"] in refreshed:
+                b = refreshed[c["step"]]
+                lb = b.get("loadavg") or [None]
+                out.append(row("HaloAE + BN refresh", str(c["step"]), f"{c['train_cpu_s_cum'] / 60:.1f}", b,
+                               _fmt(b.get("reconstruction", {}).get("r2")), f"{lb[0]:.1f}" if lb[0] is not None else "–"))
         out.append("")
     return "\n".join(out)
 
@@ -607,6 +683,9 @@ def main() -> None:
     p.add_argument("--report", action="store_true", help="Only redraw the figures and the table from the JSONs in --results.")
     p.add_argument("--results", type=Path, default=RESULTS, help="Folder of the result JSONs (for --report).")
     p.add_argument("--include-quick", action="store_true", help="--report: also read --quick runs (tests).")
+    p.add_argument("--bn-refresh", metavar="STEPS", help="Re-score these scored checkpoints ('ends': the first and "
+                   "the last) with BatchNorm statistics and mean map recomputed as train now does; results in "
+                   "results/bn_refresh-<preset>-<data>.json, shown by --report.")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     if args.report:
@@ -629,6 +708,9 @@ def main() -> None:
             sys.exit(f"error: {w}: not found; pass --backbone-weights")
         args.backbone_weights = str(w)
     args.out = args.out or RESULTS / f"learning_curve-{args.preset}-{args.data}{'-quick' if args.quick else ''}.json"
+    if args.bn_refresh:
+        run_bn_refresh(args)
+        return
     run_curve(args)
 
 

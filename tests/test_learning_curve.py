@@ -73,6 +73,49 @@ def test_report_draws_figures_and_table(quick_run):
     assert "| PaDiM d=16 |" in p.stdout and p.stdout.count("| HaloAE | ") == 3
 
 
+def test_bn_refresh_rescores_checkpoints_and_the_report_shows_them(quick_run):
+    """--bn-refresh re-scores saved checkpoints as train now finishes a model (BatchNorm statistics and mean map
+    recomputed; it exists for curves measured before the trainer did so). This quick run's checkpoints come from
+    today's trainer, which already refreshed them: re-scoring must give exactly their figures (the refresh is a
+    deterministic pass over the same tiles, the mean map follows from it)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    run, tmp = quick_run
+    res = tmp / "results"
+    # give step 0's checkpoint the init running statistics (mean 0, variance 1), as the trainer before the
+    # refresh left it: only a real refresh brings its figures back
+    ck = tmp / "work" / "tiny-tissue-quick" / "checkpoints" / "step-000000.safetensors"
+    with safe_open(str(ck), "pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    stats = [k for k in tensors if k.endswith(("running_mean", "running_var"))]
+    assert stats
+    for k in stats:
+        tensors[k] = torch.zeros_like(tensors[k]) if k.endswith("mean") else torch.ones_like(tensors[k])
+    save_file(tensors, str(ck), metadata=meta)
+    cmd = [sys.executable, str(BENCH / "learning_curve.py"), "--quick", "--out", str(res / "learning_curve-tiny-tissue-quick.json"),
+           "--workdir", str(tmp / "work"), "--bn-refresh", "ends"]
+    p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    bn = json.loads((res / "bn_refresh-tiny-tissue-quick.json").read_text())
+    assert [c["step"] for c in bn["checkpoints"]] == [0, 2] and bn["of"] == "learning_curve-tiny-tissue-quick.json"
+    before = {c["step"]: c for c in run["checkpoints"]}
+    for c in bn["checkpoints"]:
+        assert c["bn_tiles"] == run["data"]["n_train"] and 0 <= c["pixel_auroc"] <= 1 and 0 <= c["aupro"] <= 1
+        assert len(c["images"]) == run["data"]["n_test"]
+        for key in ("image_auroc", "image_auroc_max", "pixel_auroc", "aupro"):
+            assert c[key] == pytest.approx(before[c["step"]][key], abs=1e-9), (c["step"], key)
+        assert c["reconstruction"]["r2"] == pytest.approx(before[c["step"]]["reconstruction"]["r2"], rel=1e-6)
+    # a second call has nothing left to do; a step never scored is refused in one line
+    again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "+ BN refresh" not in again.stdout
+    bad = subprocess.run(cmd[:-1] + ["5"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and "steps must be among the scored ones [0, 1, 2]" in bad.stderr
+    rep = subprocess.run([sys.executable, str(BENCH / "learning_curve.py"), "--report", "--include-quick", "--results", str(res)],
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert rep.returncode == 0 and rep.stdout.count("| HaloAE + BN refresh | ") == 2
+
+
 def test_padim_is_a_mahalanobis_distance():
     from padim import PaDiM
     from skimage.data import immunohistochemistry
