@@ -354,3 +354,18 @@ def test_8_the_measured_tile_memory_follows_the_preset():
                                     torch.device("cpu"))
     relu1 = 64 * 256 * 256 * 4  # one float32 64-channel 256x256 activation
     assert 2 * relu1 < per_tile < 20 * relu1
+
+
+def test_8_infers_own_scorer_runs_on_the_meta_device(caplog):
+    """infer's memory probe runs its real scorer (model.anomaly_map.score_batch) on a meta copy of the model;
+    a scorer that cannot (e.g. autocast asked for device "meta") would fall back to scoring a real tile."""
+    import logging
+
+    from wsi_haloae.infer.engine import _scorer
+    from wsi_haloae.model import build_model
+
+    model = build_model("tiny", backbone_weights="random").eval()
+    with caplog.at_level(logging.DEBUG, logger="wsi_haloae.infer.batch"):
+        per_tile = batch.bytes_per_tile(lambda m, mm: _scorer(m, mm, 64), model, torch.zeros(64, 64), torch.device("cpu"))
+    assert not [r for r in caplog.records if "probe failed" in r.getMessage()]
+    assert per_tile > 2 * 64 * 256 * 256 * 4

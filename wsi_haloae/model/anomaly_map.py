@@ -73,7 +73,8 @@ def score_batch(model, x: torch.Tensor, mean_map: torch.Tensor,
     """
     cuda = x.device.type == "cuda"
     x = x.float().contiguous(memory_format=torch.channels_last)
-    with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=cuda):
+    # "cpu" for every other device: autocast knows no "meta", where infer's memory probe runs this
+    with torch.autocast(device_type="cuda" if cuda else "cpu", dtype=torch.bfloat16, enabled=cuda):
         raw = model.anomaly_map(x)
     raw = raw.float()
     pp = postprocess(raw, mean_map)
