@@ -315,6 +315,8 @@ def test_cli_passes_checkpoint_minutes_and_compile(tmp_path, monkeypatch):
     assert cfg.checkpoint_minutes == 2.5 and cfg.compile is True and cfg.refresh_bn is True
     r = CliRunner().invoke(main, ["train", "--tiles", str(tmp_path), "--out", str(tmp_path / "m.safetensors")])
     assert seen[-1].checkpoint_minutes == 10.0 and seen[-1].compile is False
+    r = CliRunner().invoke(main, ["train", "--tiles", str(tmp_path), "--out", str(tmp_path / "m.safetensors"), "--no-refresh-bn"])
+    assert r.exit_code == 0 and seen[-1].refresh_bn is False
     r = CliRunner().invoke(main, ["train", "--tiles", str(tmp_path), "--out", str(tmp_path / "m"), "--checkpoint-minutes", "-1"])
     assert r.exit_code == 2 and "checkpoint-minutes" in r.output
 

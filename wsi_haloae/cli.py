@@ -96,6 +96,9 @@ def info(preset: str, model_path: Path | None) -> None:
               help="Share of the normal tiles (whole slides when tiles.csv names >= 3) kept out to calibrate the model; 0: none.")
 @click.option("--checkpoint-minutes", default=10.0, show_default=True, type=click.FloatRange(min=0),
               help="Write the resume file this often (and at every epoch end); 0: after every step.")
+@click.option("--refresh-bn/--no-refresh-bn", "refresh_bn", default=True, show_default=True,
+              help="Recompute BatchNorm statistics on the training tiles after the last step (else keep the training "
+                   "running averages; docs/training.md gives the measured effect of each).")
 @click.option("--compile", "compile", is_flag=True, help="torch.compile the model (for long GPU runs: a few minutes to compile, then faster steps).")
 @click.option("--stain-normalize", default="auto", show_default=True, type=click.Choice(["auto", "none", "macenko", "reinhard"]),
               help="Stain normalisation inside the model (auto: macenko for histology tiles, none for an MVTec-AD folder).")
