@@ -354,13 +354,20 @@ def score_padim(run: dict[str, Any], data: DataSet) -> None:
 
 
 def score_checkpoint(model_path: Path, data: DataSet) -> dict[str, Any]:
-    from wsi_haloae.model import load_model, postprocess
+    from wsi_haloae.model import load_model
 
     loaded = load_model(model_path, "cpu")
-    net = loaded.model.eval()
+    return score_model(loaded.model, loaded.mean_map, data)
+
+
+def score_model(net: torch.nn.Module, mean_map: torch.Tensor, data: DataSet) -> dict[str, Any]:
+    """A model's figures on the run's test set: the post-processed map's scores and the reconstruction."""
+    from wsi_haloae.model import postprocess
+
+    net.eval()
 
     def haloae_map(x: torch.Tensor) -> torch.Tensor:
-        return postprocess(net.anomaly_map(x), loaded.mean_map)
+        return postprocess(net.anomaly_map(x), mean_map)
 
     figs = score_set(data.root, haloae_map, per_kind_pixels=data.name == "tissue")
     figs["reconstruction"] = reconstruction_stats(net, data.root)
@@ -432,7 +439,7 @@ def bn_refresh_path(results: Path, preset: str, data: str) -> Path:
 def score_with_bn_refresh(model_path: Path, data: DataSet, cfg: dict[str, Any]) -> dict[str, Any]:
     """A saved checkpoint scored as ``train`` now finishes a model: BatchNorm statistics recomputed on the
     training tiles with the final weights (train/batchnorm.py), then the mean map recomputed with them."""
-    from wsi_haloae.model import load_model, postprocess
+    from wsi_haloae.model import load_model
     from wsi_haloae.train.batchnorm import refresh_batchnorm
     from wsi_haloae.train.data import load_tiles
     from wsi_haloae.train.trainer import training_mean_map
@@ -444,14 +451,7 @@ def score_with_bn_refresh(model_path: Path, data: DataSet, cfg: dict[str, Any]) 
     n = refresh_batchnorm(net, tiles, torch.device("cpu"), 3 * cfg["batch_size"], 0, seed=cfg["seed"])
     mean_map = training_mean_map(net, tiles, torch.device("cpu"), batch_size=max(8, 3 * cfg["batch_size"]), workers=0)
     refresh_cpu = cpu_s() - c0
-    net.eval()
-
-    def haloae_map(x: torch.Tensor) -> torch.Tensor:
-        return postprocess(net.anomaly_map(x), mean_map)
-
-    figs = score_set(data.root, haloae_map, per_kind_pixels=data.name == "tissue")
-    figs["reconstruction"] = reconstruction_stats(net, data.root)
-    return {"bn_tiles": n, "refresh_and_mean_map_cpu_s": refresh_cpu, **figs}
+    return {"bn_tiles": n, "refresh_and_mean_map_cpu_s": refresh_cpu, **score_model(net, mean_map, data)}
 
 
 def run_bn_refresh(args) -> Path:
